@@ -1,0 +1,36 @@
+# One-command entry points. Every target installs what it needs first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install test demo lint format coco clean
+
+# Re-installs only when pyproject.toml changed since the last install.
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m ldm.data.synthetic --root data/synthetic
+	$(PY) train_vae.py experiment=demo
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+coco: install
+	$(PY) data/download_coco.py --root data/coco
+
+clean:
+	rm -rf runs data/synthetic data/cache .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""ldm-coco: a small latent diffusion model trained on MS-COCO captions."""

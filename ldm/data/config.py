@@ -1,0 +1,78 @@
+"""The data section of the config, checked once, in one vocabulary for every stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ldm.data.bad_input import ON_BAD_INPUT_CHOICES
+from ldm.data.synthetic import SyntheticConfig
+
+SOURCES = ("coco", "synthetic")
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """One split in COCO captions layout: an annotation JSON and its image folder."""
+
+    annotations: Path
+    images: Path
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Mirrors ``conf/data/*.yaml``; see those files for what each key means."""
+
+    source: str
+    root: Path
+    train: SplitFiles
+    val: SplitFiles | None
+    val_fraction: float | None = None
+    image_size: int = 128
+    subset: int | None = None
+    val_subset: int | None = None
+    batch_size: int = 32
+    hflip: bool = True
+    on_bad_input: str = "warn"
+    verify_images: bool = True
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DataConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"Unknown data config keys {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(raw)
+        values["root"] = Path(values["root"])
+        values["train"] = SplitFiles(**{k: Path(v) for k, v in values["train"].items()})
+        if values.get("val"):
+            values["val"] = SplitFiles(**{k: Path(v) for k, v in values["val"].items()})
+        values["synthetic"] = SyntheticConfig(**(values.get("synthetic") or {}))
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+        if self.on_bad_input not in ON_BAD_INPUT_CHOICES:
+            raise ValueError(
+                f"data.on_bad_input must be one of {ON_BAD_INPUT_CHOICES}, "
+                f"got {self.on_bad_input!r}"
+            )
+        if self.val is None and not self.val_fraction:
+            raise ValueError(
+                "This data source has no validation split: set data.val_fraction (e.g. 0.1) to "
+                "hold out part of the training images, or give data.val.annotations/images."
+            )
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {self.batch_size}")
+        if self.image_size < 8 or self.image_size % 8:
+            raise ValueError(
+                f"data.image_size must be a multiple of 8 (the VAE downsamples 8×), "
+                f"got {self.image_size}"
+            )

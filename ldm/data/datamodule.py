@@ -1,0 +1,118 @@
+"""Train/val loaders over COCO-format captions, seeded and resumable, tuned per device."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from ldm.data.coco_index import CaptionedImage, build_caption_index
+from ldm.data.config import DataConfig
+from ldm.data.dataset import CaptionedImageDataset, collate_skipping_unreadable
+from ldm.data.sampler import ResumableDataLoader, ResumableSampler
+from ldm.data.synthetic import generate_synthetic_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """Per-device DataLoader choices (see ``conf/trainer/default.yaml`` profiles)."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+
+
+def hold_out(
+    records: list[CaptionedImage], fraction: float, seed: int
+) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
+    """Split one source into train/val by a seeded shuffle of image ids (stable across runs)."""
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    num_val = max(1, round(len(records) * fraction))
+    if num_val >= len(records):
+        raise ValueError(
+            f"data.val_fraction={fraction} leaves no training images out of {len(records)}"
+        )
+    val_positions = set(order[:num_val])
+    train = [r for i, r in enumerate(records) if i not in val_positions]
+    val = [r for i, r in enumerate(records) if i in val_positions]
+    return train, val
+
+
+class CaptionedImageDataModule(L.LightningDataModule):
+    """COCO captions (or the synthetic set, or any COCO-format folder) as Lightning loaders."""
+
+    def __init__(
+        self, config: DataConfig, loader: LoaderSettings, *, seed: int, cache_dir: Path
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.loader = loader
+        self.seed = seed
+        self.cache_dir = Path(cache_dir)
+        self.train_records: list[CaptionedImage] = []
+        self.val_records: list[CaptionedImage] = []
+
+    def prepare_data(self) -> None:
+        if self.config.source == "synthetic":
+            generate_synthetic_dataset(self.config.root, self.config.synthetic)
+
+    def _index(self, split, subset: int | None) -> list[CaptionedImage]:
+        records, report = build_caption_index(
+            split.annotations,
+            split.images,
+            subset=subset,
+            verify_images=self.config.verify_images,
+            check_cache_dir=self.cache_dir / "image-checks",
+        )
+        report.resolve(self.config.on_bad_input)
+        if not records:
+            raise ValueError(
+                f"No usable images in {split.annotations} (images from {split.images}). "
+                "Check the paths in the data config."
+            )
+        return records
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_records:
+            return
+        train = self._index(self.config.train, self.config.subset)
+        if self.config.val is not None:
+            val = self._index(self.config.val, self.config.val_subset)
+        else:
+            train, val = hold_out(train, self.config.val_fraction, self.seed)
+        self.train_records, self.val_records = train, val
+        log.info("Data: %d training and %d validation images", len(train), len(val))
+
+    def _common_loader_args(self) -> dict:
+        workers = self.loader.num_workers
+        return {
+            "batch_size": self.config.batch_size,
+            "num_workers": workers,
+            "pin_memory": self.loader.pin_memory,
+            "persistent_workers": self.loader.persistent_workers and workers > 0,
+            "collate_fn": collate_skipping_unreadable,
+        }
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        dataset = CaptionedImageDataset(
+            self.train_records, self.config.image_size, train=True, hflip=self.config.hflip
+        )
+        if len(dataset) < self.config.batch_size:
+            raise ValueError(
+                f"Only {len(dataset)} training images for data.batch_size="
+                f"{self.config.batch_size}; lower the batch size."
+            )
+        sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=True)
+        return ResumableDataLoader(
+            dataset, sampler=sampler, drop_last=True, **self._common_loader_args()
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = CaptionedImageDataset(self.val_records, self.config.image_size, train=False)
+        return DataLoader(dataset, shuffle=False, drop_last=False, **self._common_loader_args())

@@ -1,0 +1,84 @@
+"""Choosing the accelerator and the precision/loader settings that suit it, from the config."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ldm.data.datamodule import LoaderSettings
+
+log = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The config asked for a device this machine does not have."""
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Everything device-specific a run needs, resolved once."""
+
+    device: str  # cuda | mps | cpu
+    precision: str
+    loader: LoaderSettings
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def detect_device() -> str:
+    """CUDA, else Apple MPS, else CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if mps_available():
+        return "mps"
+    return "cpu"
+
+
+def _check_available(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            "trainer=cuda was requested but no CUDA GPU is visible to PyTorch "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). "
+            "Use trainer=auto to pick the best available device, or trainer=cpu."
+        )
+    if device == "mps" and not mps_available():
+        raise DeviceUnavailableError(
+            "trainer=mps was requested but Apple MPS is not available on this machine "
+            "(it needs macOS 12.3+ on Apple silicon). Use trainer=auto or trainer=cpu."
+        )
+
+
+def resolve_device(trainer_cfg: dict[str, Any]) -> DeviceSettings:
+    """Turn ``trainer.device`` (+ optional explicit overrides) into concrete settings.
+
+    Per-device defaults live in ``trainer.profiles`` (YAML), so every choice is visible in the
+    run's saved config; ``trainer.precision`` / ``trainer.num_workers`` override them when set.
+    """
+    requested = trainer_cfg["device"]
+    if requested not in DEVICE_CHOICES:
+        raise ValueError(f"trainer.device must be one of {DEVICE_CHOICES}, got {requested!r}")
+    device = detect_device() if requested == "auto" else requested
+    _check_available(device)
+    profile = dict(trainer_cfg["profiles"][device])
+    precision = trainer_cfg.get("precision") or profile["precision"]
+    if device == "cuda" and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+        log.warning("This GPU has no bfloat16 support: using 16-mixed precision instead")
+        precision = "16-mixed"
+    workers = trainer_cfg.get("num_workers")
+    loader = LoaderSettings(
+        num_workers=profile["num_workers"] if workers is None else workers,
+        pin_memory=profile["pin_memory"],
+        persistent_workers=profile["persistent_workers"],
+    )
+    return DeviceSettings(device=device, precision=precision, loader=loader)

@@ -1,0 +1,34 @@
+"""Experiment loggers from ``conf/logger``: W&B (default), CSV, or none."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+LOGGER_KINDS = ("wandb", "csv", "none")
+
+
+def wandb_offline_requested(logger_cfg: dict[str, Any]) -> bool:
+    """``logger.offline=true`` or WANDB_MODE=offline/dryrun both mean: record locally only."""
+    return bool(logger_cfg.get("offline")) or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+
+
+def build_logger(logger_cfg: dict[str, Any], run_dir: Path) -> Logger | None:
+    kind = logger_cfg.get("kind")
+    if kind == "none":
+        return None
+    if kind == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    if kind == "wandb":
+        return WandbLogger(
+            project=logger_cfg.get("project") or "ldm-coco",
+            entity=logger_cfg.get("entity"),
+            name=logger_cfg.get("name") or f"{run_dir.parent.name}/{run_dir.name}",
+            tags=list(logger_cfg.get("tags") or []),
+            save_dir=str(run_dir),
+            offline=wandb_offline_requested(logger_cfg),
+        )
+    raise ValueError(f"logger.kind must be one of {LOGGER_KINDS}, got {kind!r}")
