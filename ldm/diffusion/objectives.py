@@ -1,0 +1,89 @@
+"""The training objective: what the model must predict and how much each timestep counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.schedule import NoiseSchedule
+
+
+def training_target(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """The exact output a perfect model would give: ε, or v for v-prediction."""
+    if schedule.prediction_type == "v_prediction":
+        return schedule.velocity(x0, t, noise)
+    return noise
+
+
+def loss_weights(schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """Per-sample weight (B,) on the squared error at timesteps ``t``.
+
+    min-SNR-γ (Hang et al. 2023) caps the weight of nearly clean timesteps, which otherwise
+    dominate the gradient. Expressed as an x0-space weight min(SNR, γ), it becomes
+    min(SNR, γ)/SNR on an ε target and min(SNR, γ)/(SNR + 1) on a v target, because
+    ‖ε̂ - ε‖² = SNR·‖x̂0 - x0‖² and ‖v̂ - v‖² = (SNR + 1)·‖x̂0 - x0‖².
+    """
+    if schedule.config.loss_weighting == "mse":
+        return torch.ones(t.shape, device=t.device, dtype=torch.float32)
+    snr = schedule.snr.to(device=t.device, dtype=torch.float64)[t]
+    capped = snr.clamp(max=schedule.config.min_snr_gamma)
+    if schedule.prediction_type == "v_prediction":
+        return (capped / (snr + 1)).float()
+    return (capped / snr).float()
+
+
+def diffusion_loss(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    cond: Any,
+    *,
+    generator: torch.Generator | None = None,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Per-sample training loss (B,) for clean latents ``x0`` (B, C, H, W).
+
+    Draws t ~ U{0..T-1} and ε ~ N(0, I) from ``generator`` unless given, so validation can fix
+    them and get a comparable number every epoch. Reduce with ``.mean()`` for the optimiser.
+    """
+    batch = x0.shape[0]
+    if t is None:
+        t = torch.randint(
+            0, schedule.num_train_timesteps, (batch,), generator=generator, device=x0.device
+        )
+    else:
+        _check_timesteps(t, batch, schedule.num_train_timesteps)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    elif noise.shape != x0.shape:
+        raise ValueError(
+            f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}; they must match."
+        )
+
+    prediction = model(schedule.q_sample(x0, t, noise), t, cond)
+    if prediction.shape != x0.shape:
+        raise ValueError(
+            f"the model returned shape {tuple(prediction.shape)} for input {tuple(x0.shape)}; "
+            "a denoiser must return a tensor shaped like its input."
+        )
+    target = training_target(schedule, x0, t, noise)
+    # float32 even under bf16 autocast: the squared error of small residuals underflows otherwise.
+    squared_error = (prediction.float() - target.float()) ** 2
+    return loss_weights(schedule, t) * squared_error.mean(dim=tuple(range(1, x0.ndim)))
+
+
+def _check_timesteps(t: Tensor, batch: int, num_timesteps: int) -> None:
+    if t.shape != (batch,) or t.dtype != torch.long:
+        raise ValueError(
+            f"t must be a LongTensor of shape ({batch},), one timestep per sample; got "
+            f"shape {tuple(t.shape)} and dtype {t.dtype}."
+        )
+    if bool((t < 0).any() or (t >= num_timesteps).any()):
+        raise ValueError(
+            f"t must lie in [0, {num_timesteps - 1}] (T={num_timesteps}); got values from "
+            f"{int(t.min())} to {int(t.max())}."
+        )

@@ -1,0 +1,78 @@
+"""The one sampling loop that validation images and ``sample.py`` both run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.guidance import guided_prediction
+from ldm.diffusion.samplers import StepOutput, make_sampler
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.timesteps import sampling_timesteps, timesteps_for_strength
+from ldm.progress import progress_bar
+
+
+@torch.no_grad()
+def sample(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    sampler: str,
+    *,
+    steps: int,
+    cond: Any,
+    shape: Sequence[int] | None = None,
+    init_latent: Tensor | None = None,
+    uncond: Tensor | None = None,
+    cfg_scale: float = 1.0,
+    eta: float = 0.0,
+    strength: float = 1.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Denoise from pure noise of ``shape``, or img2img from ``init_latent`` — give exactly one.
+
+    Runs on ``schedule.device`` in ``schedule.dtype`` (``schedule.to(dtype=torch.float64)`` for
+    exact comparisons); ``generator`` must live on that device. The model should already be in
+    eval mode. ``sampler`` is one of ``SAMPLERS``; ``steps`` ≤ T are spread by
+    ``sampling_timesteps`` and ``strength`` < 1 (img2img only) runs just the tail of them.
+    """
+    if (shape is None) == (init_latent is None):
+        raise ValueError(
+            "give exactly one of shape (start from pure noise) or init_latent (img2img); "
+            f"got shape={shape} and init_latent={'a tensor' if init_latent is not None else None}."
+        )
+    if init_latent is None and strength != 1:
+        raise ValueError(
+            f"strength={strength} needs an init_latent to start from; pure-noise sampling "
+            "always uses strength=1."
+        )
+    step_rule = make_sampler(sampler, schedule, eta=eta)
+    timesteps = timesteps_for_strength(
+        sampling_timesteps(schedule.num_train_timesteps, steps), strength
+    )
+    device, dtype = schedule.device, schedule.dtype
+
+    if init_latent is None:
+        x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    else:
+        start = init_latent.to(device=device, dtype=dtype)
+        noise = torch.randn(start.shape, generator=generator, device=device, dtype=dtype)
+        x = schedule.q_sample(start, int(timesteps[0]), noise)
+
+    last_step: StepOutput | None = None
+    t_list = timesteps.tolist()
+    for i, t in enumerate(
+        progress_bar(t_list, description=f"sampling ({sampler})", enabled=progress)
+    ):
+        t_prev = t_list[i + 1] if i + 1 < len(t_list) else -1
+        t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+        model_output = guided_prediction(model, x, t_batch, cond, uncond, cfg_scale).to(dtype)
+        last_step = step_rule.step(
+            model_output, t, t_prev, x, last_step=last_step, generator=generator
+        )
+        x = last_step.sample
+    return x

@@ -1,0 +1,189 @@
+"""The forward (noising) process: β_t, ᾱ_t and the conversions between ε, x0 and v.
+
+Timesteps are 0-based: ``t`` in ``[0, T-1]`` and ``alphas_cumprod[t] = ∏_{s≤t} (1 - β_s)``.
+Everything is computed in float64 and only then cast, so a float32 schedule and the float64 one
+used by the tests agree to the last bit of float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.config import ScheduleConfig
+
+# Improved DDPM's cosine schedule: offset s keeps β_0 from being vanishingly small, and β is capped
+# below 1 so that the last step does not divide by zero.
+_COSINE_OFFSET = 0.008
+_COSINE_MAX_BETA = 0.999
+
+
+def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+def scaled_linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
+    """Linear in √β, as latent diffusion uses: gentler at both ends than ``linear_betas``."""
+    roots = torch.linspace(
+        math.sqrt(beta_start), math.sqrt(beta_end), num_timesteps, dtype=torch.float64
+    )
+    return roots**2
+
+
+def cosine_betas(num_timesteps: int) -> Tensor:
+    """β_t = 1 - ᾱ(t+1)/ᾱ(t) for ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2), capped at 0.999."""
+    fractions = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    alpha_bar = torch.cos((fractions + _COSINE_OFFSET) / (1 + _COSINE_OFFSET) * math.pi / 2) ** 2
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=_COSINE_MAX_BETA)
+
+
+def rescale_to_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Shift and stretch √ᾱ so that ᾱ_T = 0 while ᾱ_0 stays put (Lin et al. 2023, Algorithm 1).
+
+    With ᾱ_T = 0 the last training step sees pure noise, exactly what sampling starts from.
+    """
+    sqrt_alpha_bar = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_alpha_bar[0], sqrt_alpha_bar[-1]
+    alpha_bar = ((sqrt_alpha_bar - last) * first / (first - last)) ** 2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+def betas_from_config(config: ScheduleConfig) -> Tensor:
+    """The float64 β_t, t = 0..T-1, that ``config`` describes."""
+    steps = config.num_train_timesteps
+    if config.beta_schedule == "cosine":
+        betas = cosine_betas(steps)
+    elif config.beta_schedule == "scaled_linear":
+        betas = scaled_linear_betas(steps, *config.beta_range)
+    else:
+        betas = linear_betas(steps, *config.beta_range)
+    return rescale_to_zero_terminal_snr(betas) if config.rescale_zero_terminal_snr else betas
+
+
+class NoiseSchedule:
+    """β_t, ᾱ_t and SNR_t of one config, plus the maths that only depends on them.
+
+    A plain object rather than an ``nn.Module``: Lightning's precision plugins would cast module
+    buffers to bf16/fp16, and ᾱ near 0 or 1 does not survive that. Checkpoints carry the config.
+    Coefficients are cast to the dtype and device of the tensor they multiply.
+    """
+
+    def __init__(
+        self,
+        config: ScheduleConfig | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.config = config if config is not None else ScheduleConfig()
+        betas = betas_from_config(self.config)  # float64 until the very end
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+
+        def store(values: Tensor) -> Tensor:
+            return values.to(device=device, dtype=dtype)
+
+        self.betas = store(betas)
+        self.alphas = store(1 - betas)
+        self.alphas_cumprod = store(alphas_cumprod)
+        self.snr = store(alphas_cumprod / (1 - alphas_cumprod))
+        self.sqrt_alphas_cumprod = store(alphas_cumprod.sqrt())
+        self.sqrt_one_minus_alphas_cumprod = store((1 - alphas_cumprod).sqrt())
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> NoiseSchedule:
+        """A copy on ``device`` in ``dtype``, recomputed from the config (never an upcast)."""
+        return NoiseSchedule(
+            self.config,
+            device=self.device if device is None else device,
+            dtype=self.dtype if dtype is None else dtype,
+        )
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.config.num_train_timesteps
+
+    @property
+    def prediction_type(self) -> str:
+        return self.config.prediction_type
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.betas.dtype
+
+    def alpha_bar(self, t: int) -> float:
+        """ᾱ at integer timestep ``t``; t = -1 stands for the clean end of the chain (ᾱ = 1)."""
+        if t == -1:
+            return 1.0
+        self._check_timestep(t)
+        return float(self.alphas_cumprod[t])
+
+    def q_sample(self, x0: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
+        """x_t = √ᾱ_t · x0 + √(1-ᾱ_t) · ε: a draw from q(x_t | x0) for the given noise."""
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x0) * x0
+            + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
+
+    def velocity(self, x0: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
+        """v = √ᾱ_t · ε - √(1-ᾱ_t) · x0, the v-prediction target (Salimans & Ho 2022)."""
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x0) * noise
+            - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        )
+
+    def x0_from_epsilon(self, x_t: Tensor, t: Tensor | int, epsilon: Tensor) -> Tensor:
+        signal, noise_level = self._signal_and_noise_levels(t, x_t)
+        return (x_t - noise_level * epsilon) / signal
+
+    def epsilon_from_x0(self, x_t: Tensor, t: Tensor | int, x0: Tensor) -> Tensor:
+        signal, noise_level = self._signal_and_noise_levels(t, x_t)
+        return (x_t - signal * x0) / noise_level
+
+    def x0_from_velocity(self, x_t: Tensor, t: Tensor | int, v: Tensor) -> Tensor:
+        signal, noise_level = self._signal_and_noise_levels(t, x_t)
+        return signal * x_t - noise_level * v
+
+    def epsilon_from_velocity(self, x_t: Tensor, t: Tensor | int, v: Tensor) -> Tensor:
+        signal, noise_level = self._signal_and_noise_levels(t, x_t)
+        return signal * v + noise_level * x_t
+
+    def x0_and_epsilon(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor | int
+    ) -> tuple[Tensor, Tensor]:
+        """Read a model output according to ``prediction_type``: the (x0, ε) it implies."""
+        if self.prediction_type == "v_prediction":
+            return (
+                self.x0_from_velocity(x_t, t, model_output),
+                self.epsilon_from_velocity(x_t, t, model_output),
+            )
+        return self.x0_from_epsilon(x_t, t, model_output), model_output
+
+    def _signal_and_noise_levels(self, t: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor]:
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, like),
+            self._at(self.sqrt_one_minus_alphas_cumprod, t, like),
+        )
+
+    def _at(self, values: Tensor, t: Tensor | int, like: Tensor) -> Tensor:
+        """values[t], shaped to broadcast over ``like`` (per sample when t is a (B,) tensor)."""
+        if isinstance(t, Tensor):
+            picked = values[t.to(values.device)].reshape(-1, *([1] * (like.ndim - 1)))
+        else:
+            self._check_timestep(t)
+            picked = values[t]
+        return picked.to(device=like.device, dtype=like.dtype)
+
+    def _check_timestep(self, t: int) -> None:
+        if not 0 <= t < self.num_train_timesteps:
+            raise ValueError(
+                f"timestep t={t} is outside [0, {self.num_train_timesteps - 1}] "
+                f"(T={self.num_train_timesteps}); timesteps are 0-based."
+            )

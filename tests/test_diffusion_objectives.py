@@ -1,0 +1,161 @@
+"""diffusion_loss: targets by prediction type, weighting by config, and reproducible draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.diffusion import NoiseSchedule, ScheduleConfig, diffusion_loss, loss_weights
+
+SHAPE = (4, 3, 8, 8)
+
+
+def schedule64(**overrides) -> NoiseSchedule:
+    return NoiseSchedule(ScheduleConfig(**overrides), dtype=torch.float64)
+
+
+def latents(seed: int = 0) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class Oracle:
+    """Knows the true x0 and noise, so it can return the exact target plus a chosen error."""
+
+    def __init__(self, schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, error=0.0):
+        self.schedule, self.x0, self.noise, self.error = schedule, x0, noise, error
+
+    def __call__(self, x_t, t, cond):
+        if self.schedule.prediction_type == "v_prediction":
+            return self.schedule.velocity(self.x0, t, self.noise) + self.error
+        return self.noise + self.error
+
+
+def fixed_draws():
+    """x0, noise and one timestep per sample, from nearly clean to pure noise."""
+    x0, noise = latents(0), latents(1)
+    t = torch.tensor([0, 30, 120, 199])
+    return x0, noise, t
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_perfect_prediction_has_zero_loss(prediction_type):
+    schedule = schedule64(prediction_type=prediction_type)
+    x0, noise, t = fixed_draws()
+
+    loss = diffusion_loss(Oracle(schedule, x0, noise), schedule, x0, None, t=t, noise=noise)
+
+    torch.testing.assert_close(loss, torch.zeros(4), rtol=0, atol=1e-10)
+
+
+def test_v_prediction_scores_the_output_against_the_velocity_not_the_noise():
+    schedule = schedule64(prediction_type="v_prediction")
+    x0, noise, t = fixed_draws()
+
+    def predicts_noise(x_t, t, cond):
+        return noise
+
+    loss = diffusion_loss(predicts_noise, schedule, x0, None, t=t, noise=noise)
+
+    expected = ((noise - schedule.velocity(x0, t, noise)) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss, expected.float())
+    assert loss[-1] > 1.0
+
+
+def test_mse_loss_is_the_mean_squared_error_per_sample():
+    schedule = schedule64()
+    x0, noise, t = fixed_draws()
+    error = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64).reshape(4, 1, 1, 1)
+
+    loss = diffusion_loss(Oracle(schedule, x0, noise, error), schedule, x0, None, t=t, noise=noise)
+
+    torch.testing.assert_close(loss, torch.tensor([0.25, 1.0, 4.0, 9.0]))
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "weight"),
+    [
+        ("epsilon", lambda snr, gamma: min(snr, gamma) / snr),
+        ("v_prediction", lambda snr, gamma: min(snr, gamma) / (snr + 1)),
+    ],
+)
+def test_min_snr_weights_the_squared_error_by_the_capped_snr(prediction_type, weight):
+    schedule = schedule64(prediction_type=prediction_type, loss_weighting="min_snr")
+    x0, noise, t = fixed_draws()
+
+    loss = diffusion_loss(Oracle(schedule, x0, noise, 1.0), schedule, x0, None, t=t, noise=noise)
+
+    snr = schedule.snr[t].tolist()
+    expected = torch.tensor([weight(value, 5.0) for value in snr], dtype=torch.float32)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_min_snr_caps_only_the_nearly_clean_timesteps():
+    schedule = schedule64(loss_weighting="min_snr", min_snr_gamma=5.0)
+    t = torch.arange(200)
+
+    weights = loss_weights(schedule, t)
+
+    clean = schedule.snr > 5.0
+    assert clean.any() and (~clean).any()
+    assert (weights[clean] < 1).all()
+    torch.testing.assert_close(weights[~clean], torch.ones(int((~clean).sum())))
+
+
+def test_loss_is_one_number_per_sample():
+    schedule = NoiseSchedule()
+
+    loss = diffusion_loss(
+        lambda x, t, c: torch.zeros_like(x), schedule, torch.ones(5, 4, 2, 2), None
+    )
+
+    assert loss.shape == (5,)
+
+
+def test_same_generator_seed_draws_the_same_timesteps_and_noise():
+    schedule, x0 = NoiseSchedule(), torch.ones(8, 4, 2, 2)
+    seen = []
+
+    def record(x_t, t, cond):
+        seen.append((x_t, t))
+        return torch.zeros_like(x_t)
+
+    for _ in range(2):
+        diffusion_loss(record, schedule, x0, None, generator=torch.Generator().manual_seed(3))
+
+    assert torch.equal(seen[0][1], seen[1][1])
+    assert torch.equal(seen[0][0], seen[1][0])
+
+
+def test_given_timesteps_noise_and_cond_reach_the_model_unchanged():
+    schedule = schedule64()
+    x0, noise, t = fixed_draws()
+    cond = {"hidden_states": torch.zeros(4, 7, 16)}
+    seen = {}
+
+    def record(x_t, t_seen, cond_seen):
+        seen.update(x_t=x_t, t=t_seen, cond=cond_seen)
+        return torch.zeros_like(x_t)
+
+    diffusion_loss(record, schedule, x0, cond, t=t, noise=noise)
+
+    assert seen["cond"] is cond
+    assert torch.equal(seen["t"], t)
+    torch.testing.assert_close(seen["x_t"], schedule.q_sample(x0, t, noise))
+
+
+def test_timesteps_out_of_range_are_refused_with_the_range():
+    schedule = schedule64()
+    x0 = latents()
+
+    with pytest.raises(ValueError, match=r"\[0, 199\].*from 0 to 200"):
+        diffusion_loss(lambda x, t, c: x, schedule, x0, None, t=torch.tensor([0, 1, 2, 200]))
+
+
+def test_model_output_of_the_wrong_shape_is_refused():
+    schedule = schedule64()
+
+    def wrong_shape(x_t, t, cond):
+        return x_t[:, :1]
+
+    with pytest.raises(ValueError, match=r"returned shape \(4, 1, 8, 8\)"):
+        diffusion_loss(wrong_shape, schedule, latents(), None)
