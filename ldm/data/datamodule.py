@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from ldm.data.coco_index import CaptionedImage, build_caption_index
@@ -57,6 +59,16 @@ class CaptionedImageDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.train_records: list[CaptionedImage] = []
         self.val_records: list[CaptionedImage] = []
+
+    @classmethod
+    def from_config(
+        cls, data_cfg: Any, loader: LoaderSettings, *, seed: int, cache_dir: Path
+    ) -> CaptionedImageDataModule:
+        """Build from the ``data`` node of a Hydra config (a DictConfig or plain dict)."""
+        raw = data_cfg
+        if OmegaConf.is_config(data_cfg):
+            raw = OmegaConf.to_container(data_cfg, resolve=True)
+        return cls(DataConfig.from_dict(raw), loader, seed=seed, cache_dir=cache_dir)
 
     def prepare_data(self) -> None:
         if self.config.source == "synthetic":
@@ -112,6 +124,11 @@ class CaptionedImageDataModule(L.LightningDataModule):
         return ResumableDataLoader(
             dataset, sampler=sampler, drop_last=True, **self._common_loader_args()
         )
+
+    def measurement_dataloader(self) -> DataLoader:
+        """Training images without augmentation, in order: for measuring latent statistics."""
+        dataset = CaptionedImageDataset(self.train_records, self.config.image_size, train=False)
+        return DataLoader(dataset, shuffle=False, drop_last=False, **self._common_loader_args())
 
     def val_dataloader(self) -> DataLoader:
         dataset = CaptionedImageDataset(self.val_records, self.config.image_size, train=False)

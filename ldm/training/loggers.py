@@ -32,3 +32,12 @@ def build_logger(logger_cfg: dict[str, Any], run_dir: Path) -> Logger | None:
             offline=wandb_offline_requested(logger_cfg),
         )
     raise ValueError(f"logger.kind must be one of {LOGGER_KINDS}, got {kind!r}")
+
+
+def close_logger(logger: Logger | None) -> None:
+    """Flush and close the logger so an offline W&B run is complete on disk when we return."""
+    if logger is None:
+        return
+    logger.finalize("success")
+    if isinstance(logger, WandbLogger):
+        logger.experiment.finish()

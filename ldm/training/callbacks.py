@@ -1,0 +1,64 @@
+"""Generic callbacks: the module says *what* images to show (``log_images``), these say *when*."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+log = logging.getLogger(__name__)
+
+
+def _first_items(batch: dict[str, Any], count: int) -> dict[str, Any]:
+    return {key: value[:count] for key, value in batch.items()}
+
+
+class ImageLogger(Callback):
+    """After each validation, log a grid of ``pl_module.log_images(batch)`` on fixed images.
+
+    The batch is the first validation batch, so every grid of a run shows the same images.
+    Each entry of the returned dict becomes one row; grids are also saved as PNG files in
+    ``<run dir>/images`` whatever the logger.
+    """
+
+    def __init__(self, num_images: int, image_dir: Path) -> None:
+        self.num_images = num_images
+        self.image_dir = Path(image_dir)
+        self._batch: dict[str, Any] | None = None
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._batch is None and batch is not None and batch_idx == 0:
+            self._batch = _first_items(batch, self.num_images)
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._batch is None or trainer.sanity_checking or self.num_images < 1:
+            return
+        rows = pl_module.log_images(self._batch)
+        stacked = torch.cat([images.float().cpu() for images in rows.values()])
+        grid = make_grid((stacked.clamp(-1, 1) + 1) / 2, nrow=len(next(iter(rows.values()))))
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        path = self.image_dir / f"{'_'.join(rows)}_step{trainer.global_step:07d}.png"
+        save_image(grid, path)
+        caption = " / ".join(f"row {i + 1}: {name}" for i, name in enumerate(rows))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(
+                    key="val/images", images=[grid], caption=[caption], step=trainer.global_step
+                )
+        log.info("Saved image grid %s", path)

@@ -1,0 +1,194 @@
+"""Stage 1 end to end: train the VAE, measure its latents, export what stage 2 consumes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checkpoints import save_vae_export
+from ldm.data.datamodule import CaptionedImageDataModule
+from ldm.latent_stats import measure_latent_statistics
+from ldm.progress import progress_bar
+from ldm.runs import point_latest_at, start_run
+from ldm.training.callbacks import ImageLogger
+from ldm.training.loggers import build_logger, close_logger
+from ldm.training.trainer import build_trainer
+from ldm.training.vae_module import VAEModule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VAEStageResult:
+    run_dir: Path
+    export_dir: Path
+    checkpoint: Path
+    latent_stats: dict[str, Any]
+
+
+def _container(node: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
+def _batch_size(batch: dict[str, Any] | None) -> int:
+    return 0 if batch is None else int(batch["image"].shape[0])
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool) -> tuple[list, ModelCheckpoint]:
+    checkpoint_dir = run_dir / "checkpoints"
+    best = ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="best", monitor="val/total", mode="min", save_top_k=1
+    )
+    periodic = ModelCheckpoint(  # refreshes last.ckpt every N steps and at every epoch end
+        dirpath=checkpoint_dir,
+        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+        save_top_k=0,
+        save_last=True,
+    )
+    per_epoch = ModelCheckpoint(
+        dirpath=checkpoint_dir,
+        filename="epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        every_n_epochs=1,
+        save_top_k=-1,
+    )
+    callbacks = [
+        best,
+        periodic,
+        per_epoch,
+        ImageLogger(cfg.logging.num_images, run_dir / "images"),
+    ]
+    if with_logger:  # these two only report through a logger
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(
+            ThroughputMonitor(
+                batch_size_fn=_batch_size, window_size=cfg.logging.throughput_window_batches
+            )
+        )
+    return callbacks, best
+
+
+def _load_weights(module: VAEModule, checkpoint: Path) -> None:
+    """Weights only, without unpickling arbitrary objects from the file."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+
+
+def _write_final_checkpoint(source: Path, module: VAEModule, target: Path) -> None:
+    """The chosen checkpoint with the measured latent statistics in its buffers."""
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    state["state_dict"] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_suffix(".tmp")
+    torch.save(state, temporary)
+    temporary.replace(target)
+
+
+def measure_and_export(
+    cfg: DictConfig,
+    module: VAEModule,
+    datamodule: CaptionedImageDataModule,
+    checkpoint: Path,
+    run_dir: Path,
+    device: torch.device,
+) -> VAEStageResult:
+    """Measure latent statistics over training images and write checkpoint + export."""
+    datamodule.setup("fit")
+    loader = datamodule.measurement_dataloader()
+    max_batches = cfg.latent_stats.max_batches
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    module.to(device)
+    stats = measure_latent_statistics(
+        module.vae,
+        progress_bar(loader, total=total, description="Measuring latent statistics"),
+        max_batches,
+        device,
+        seed=cfg.seed,
+    )
+    module.set_latent_stats(stats)
+    final = run_dir / "checkpoints" / "final.ckpt"
+    _write_final_checkpoint(checkpoint, module, final)
+    export_dir = save_vae_export(
+        run_dir / "export",
+        module.vae.cpu(),
+        latent_stats=stats,
+        extra={
+            "source_checkpoint": str(checkpoint),
+            "image_size": cfg.data.image_size,
+            "data": {
+                "source": cfg.data.source,
+                "root": str(cfg.data.root),
+                "subset": cfg.data.subset,
+            },
+            "kl_weight": cfg.loss.kl_weight,
+            "seed": cfg.seed,
+        },
+    )
+    log.info(
+        "Latent std %.4f → scale factor %.4f (per-channel std %s). Export: %s",
+        stats["global_std"],
+        stats["scale_factor"],
+        ", ".join(f"{s:.3f}" for s in stats["channel_std"]),
+        export_dir,
+    )
+    return VAEStageResult(run_dir, Path(export_dir), final, stats)
+
+
+def run_vae_stage(cfg: DictConfig, run_dir: Path | None = None) -> VAEStageResult:
+    """Train (unless ``train=false``), then measure latent statistics and export."""
+    context = start_run(cfg, run_dir)
+    datamodule = CaptionedImageDataModule.from_config(
+        cfg.data, context.device.loader, seed=context.seed, cache_dir=Path(cfg.paths.cache_dir)
+    )
+    module = VAEModule(
+        model=_container(cfg.model.vae), optim=_container(cfg.optim), kl_weight=cfg.loss.kl_weight
+    )
+    log.info("VAE parameters: %s", f"{module.num_parameters:,}")
+    logger = build_logger(_container(cfg.logger), context.run_dir)
+    callbacks, best = _callbacks(cfg, context.run_dir, with_logger=logger is not None)
+    trainer = build_trainer(
+        _container(cfg.trainer),
+        context.device,
+        run_dir=context.run_dir,
+        logger=logger,
+        callbacks=callbacks,
+    )
+    if logger is not None:
+        logger.log_hyperparams({"vae_parameters": module.num_parameters})
+
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        checkpoint = Path(best.best_model_path or context.run_dir / "checkpoints" / "last.ckpt")
+        if trainer.fast_dev_run:
+            close_logger(logger)
+            return VAEStageResult(context.run_dir, Path(), Path(), {})
+    elif cfg.ckpt_path is None:
+        raise ValueError(
+            "train=false measures and exports an existing checkpoint: also give "
+            "ckpt_path=runs/vae/<run>/checkpoints/<file>.ckpt"
+        )
+    else:
+        checkpoint = Path(cfg.ckpt_path)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"VAE checkpoint not found: {checkpoint}")
+    _load_weights(module, checkpoint)
+    result = measure_and_export(
+        cfg, module, datamodule, checkpoint, context.run_dir, context.device.torch_device
+    )
+    if logger is not None:
+        logger.log_metrics(
+            {
+                "latent/global_std": result.latent_stats["global_std"],
+                "latent/scale_factor": result.latent_stats["scale_factor"],
+            },
+            step=trainer.global_step,
+        )
+    close_logger(logger)
+    point_latest_at(context.run_dir)
+    return result
