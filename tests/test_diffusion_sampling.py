@@ -255,3 +255,36 @@ def test_dpm_solver_refuses_a_last_step_that_is_not_the_one_before():
 
     with pytest.raises(ValueError, match="last_step left t=50, which does not precede t=100"):
         solver.step(x, 100, 90, x, last_step=later)
+
+
+def test_per_image_generators_make_each_image_independent_of_its_batch() -> None:
+    """Seed i gives the same sample alone or inside a batch: one generator per image."""
+    schedule = NoiseSchedule(ScheduleConfig())
+
+    def zero_model(x, t, cond):
+        return torch.zeros_like(x)
+
+    def run(seeds: list[int]) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        shape = (len(seeds), 2, 4, 4)
+        return sample(
+            zero_model, schedule, "ddpm", steps=10, cond=None, shape=shape, generator=generators
+        )
+
+    batch = run([5, 6, 7])
+    assert torch.equal(run([6])[0], batch[1])
+    assert not torch.equal(batch[0], batch[1])
+
+
+def test_a_wrong_number_of_generators_is_refused() -> None:
+    schedule = NoiseSchedule(ScheduleConfig())
+    with pytest.raises(ValueError, match="one per image"):
+        sample(
+            lambda x, t, c: x,
+            schedule,
+            "ddim",
+            steps=2,
+            cond=None,
+            shape=(3, 1, 2, 2),
+            generator=[torch.Generator()],
+        )

@@ -28,9 +28,9 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
+from ldm.diffusion.noise import Generators, standard_normal
 from ldm.diffusion.schedule import NoiseSchedule
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
@@ -56,7 +56,7 @@ class Sampler(Protocol):
         sample: Tensor,
         *,
         last_step: StepOutput | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> StepOutput: ...
 
 
@@ -89,7 +89,7 @@ class DDPMSampler:
         sample: Tensor,
         *,
         last_step: StepOutput | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> StepOutput:
         pred_x0, _ = self.schedule.x0_and_epsilon(model_output, sample, t)
         mean, variance = self.posterior_mean_variance(pred_x0, sample, t, t_prev)
@@ -118,7 +118,7 @@ class DDIMSampler:
         sample: Tensor,
         *,
         last_step: StepOutput | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> StepOutput:
         alpha_bar, alpha_bar_prev = self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_prev)
         pred_x0, pred_epsilon = self.schedule.x0_and_epsilon(model_output, sample, t)
@@ -150,7 +150,7 @@ class DPMSolverPP2MSampler:
         sample: Tensor,
         *,
         last_step: StepOutput | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> StepOutput:
         alpha_bar, alpha_bar_prev = self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_prev)
         pred_x0, _ = self.schedule.x0_and_epsilon(model_output, sample, t)
@@ -201,5 +201,5 @@ def _posterior_variance(alpha_bar: float, alpha_bar_prev: float) -> float:
     return (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
 
 
-def _standard_normal_like(sample: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+def _standard_normal_like(sample: Tensor, generator: Generators) -> Tensor:
+    return standard_normal(sample.shape, generator, device=sample.device, dtype=sample.dtype)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.guidance import guided_prediction
+from ldm.diffusion.noise import Generators, standard_normal
 from ldm.diffusion.samplers import StepOutput, make_sampler
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.timesteps import sampling_timesteps, timesteps_for_strength
@@ -30,15 +31,15 @@ def sample(
     cfg_scale: float = 1.0,
     eta: float = 0.0,
     strength: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
 ) -> Tensor:
     """Denoise from pure noise of ``shape``, or img2img from ``init_latent`` — give exactly one.
 
     Runs on ``schedule.device`` in ``schedule.dtype`` (``schedule.to(dtype=torch.float64)`` for
-    exact comparisons); ``generator`` must live on that device. The model should already be in
-    eval mode. ``sampler`` is one of ``SAMPLERS``; ``steps`` ≤ T are spread by
-    ``sampling_timesteps`` and ``strength`` < 1 (img2img only) runs just the tail of them.
+    exact comparisons); ``generator`` (one, or one per image) must live on that device. The
+    model should already be in eval mode. ``sampler`` is one of ``SAMPLERS``; ``steps`` ≤ T are
+    spread by ``sampling_timesteps`` and ``strength`` < 1 (img2img only) runs just their tail.
     """
     if (shape is None) == (init_latent is None):
         raise ValueError(
@@ -57,10 +58,10 @@ def sample(
     device, dtype = schedule.device, schedule.dtype
 
     if init_latent is None:
-        x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        x = standard_normal(shape, generator, device=device, dtype=dtype)
     else:
         start = init_latent.to(device=device, dtype=dtype)
-        noise = torch.randn(start.shape, generator=generator, device=device, dtype=dtype)
+        noise = standard_normal(start.shape, generator, device=device, dtype=dtype)
         x = schedule.q_sample(start, int(timesteps[0]), noise)
 
     last_step: StepOutput | None = None
