@@ -1,8 +1,9 @@
-"""Export and load the trained VAE as safetensors weights plus a JSON description.
+"""Export and load trained models as safetensors weights plus a JSON description.
 
-The export is what Stage 2 and sampling depend on, so it must load without unpickling
-(no code runs on load), carry everything needed to rebuild the model and scale its latents,
-and never be left half-written.
+The exports are what stage 2 and sampling depend on, so they must load without unpickling
+(no code runs on load), carry everything needed to rebuild the model, and never be left
+half-written. Model classes come from this module's own code by ``model_type`` — never from a
+class name stored in a file.
 """
 
 import hashlib
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ldm.latent_stats import LATENT_STAT_KEYS
+from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE, VAEConfig
 
 FORMAT_VERSION = 1
@@ -89,7 +91,7 @@ def load_vae_export(
     Only JSON and safetensors are read, so loading an untrusted export cannot run code.
     """
     metadata_path, weights_path = _export_paths(Path(directory_or_json_path))
-    metadata = _read_metadata(metadata_path)
+    metadata = _read_metadata(metadata_path, MODEL_TYPE)
 
     recorded = metadata.get("weights_sha256")
     actual = file_fingerprint(weights_path)
@@ -127,26 +129,30 @@ def _export_paths(path: Path) -> tuple[Path, Path]:
     return metadata_path, weights_path
 
 
-def _read_metadata(metadata_path: Path) -> dict[str, Any]:
+_EXPORT_WRITERS = {"vae": "train_vae.py", "unet": "train_unet.py"}
+
+
+def _read_metadata(metadata_path: Path, model_type: str) -> dict[str, Any]:
     try:
         metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{metadata_path} is not valid JSON ({error}).") from error
-    if not isinstance(metadata, dict) or metadata.get("model_type") != MODEL_TYPE:
+    if not isinstance(metadata, dict) or metadata.get("model_type") != model_type:
         found = metadata.get("model_type") if isinstance(metadata, dict) else type(metadata)
         raise ValueError(
-            f"{metadata_path} describes model_type {found!r}, not {MODEL_TYPE!r}. "
-            "Point to a VAE export (the directory train_vae.py wrote)."
+            f"{metadata_path} describes model_type {found!r}, not {model_type!r}. "
+            f"Point to a {model_type.upper()} export (the directory "
+            f"{_EXPORT_WRITERS[model_type]} wrote)."
         )
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
             f"{metadata_path} has export format version {version!r}; this code reads version "
-            f"{FORMAT_VERSION}. Re-export the VAE with this version of ldm-coco."
+            f"{FORMAT_VERSION}. Re-export it with this version of ldm-coco."
         )
     missing = [key for key in ("weights_sha256", "model_config") if key not in metadata]
     if missing:
-        raise ValueError(f"{metadata_path} lacks {missing}; it is not a complete VAE export.")
+        raise ValueError(f"{metadata_path} lacks {missing}; it is not a complete export.")
     return metadata
 
 
@@ -191,3 +197,85 @@ def _written_atomically(final_path: Path) -> Iterator[Path]:
         os.replace(temporary_path, final_path)
     finally:
         temporary_path.unlink(missing_ok=True)
+
+
+UNET_MODEL_TYPE = "unet"
+UNET_METADATA_FILENAME = "unet.json"
+UNET_WEIGHTS_FILENAMES = {"raw": "unet.safetensors", "ema": "unet_ema.safetensors"}
+
+
+def save_unet_export(
+    directory: str | os.PathLike[str],
+    *,
+    raw: UNet,
+    ema: UNet,
+    description: dict[str, Any],
+) -> Path:
+    """Write the raw and EMA U-Net weights and ``unet.json`` (config + everything sampling needs).
+
+    ``description`` carries the diffusion schedule, text-encoder config, latent scale and shape,
+    context length and the VAE export it was trained on (path and weights fingerprint), so one
+    directory is all ``sample.py`` needs.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {kind: directory / name for kind, name in UNET_WEIGHTS_FILENAMES.items()}
+    with (
+        _written_atomically(paths["raw"]) as raw_tmp,
+        _written_atomically(paths["ema"]) as ema_tmp,
+        _written_atomically(directory / UNET_METADATA_FILENAME) as metadata_tmp,
+    ):
+        for model, temporary in ((raw, raw_tmp), (ema, ema_tmp)):
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, temporary
+            )
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "model_type": UNET_MODEL_TYPE,
+            "weights_sha256": {"raw": file_fingerprint(raw_tmp), "ema": file_fingerprint(ema_tmp)},
+            "model_config": raw.config.to_dict(),
+            **description,
+        }
+        metadata_tmp.write_text(_to_json(metadata), encoding="utf-8")
+    return directory
+
+
+def read_unet_metadata(directory_or_json_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``unet.json`` of an export (checked: type, version, required keys)."""
+    path = Path(directory_or_json_path)
+    metadata_path = path if path.suffix == ".json" else path / UNET_METADATA_FILENAME
+    if not metadata_path.is_file():
+        raise FileNotFoundError(
+            f"No U-Net export at {path}: {metadata_path} does not exist. Train one with "
+            "`python train_unet.py`, or pass its run directory or export directory."
+        )
+    return _read_metadata(metadata_path, UNET_MODEL_TYPE)
+
+
+def load_unet_export(
+    directory_or_json_path: str | os.PathLike[str],
+    weights: str = "ema",
+    map_location: str | torch.device = "cpu",
+) -> tuple[UNet, dict[str, Any]]:
+    """Rebuild the U-Net with its ``ema`` (default) or ``raw`` weights; eval mode, no pickle."""
+    if weights not in UNET_WEIGHTS_FILENAMES:
+        raise ValueError(f"weights must be one of {list(UNET_WEIGHTS_FILENAMES)}, got {weights!r}")
+    metadata = read_unet_metadata(directory_or_json_path)
+    path = Path(directory_or_json_path)
+    folder = path.parent if path.suffix == ".json" else path
+    weights_path = folder / UNET_WEIGHTS_FILENAMES[weights]
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing; export the U-Net again.")
+    recorded = metadata["weights_sha256"].get(weights)
+    if recorded != file_fingerprint(weights_path):
+        raise ValueError(
+            f"{weights_path} is not the file {folder / UNET_METADATA_FILENAME} describes; the "
+            "export is incomplete or was modified. Export it again with `python train_unet.py`."
+        )
+    unet = UNet(UNetConfig.from_dict(metadata["model_config"]))
+    state = load_file(weights_path, device="cpu")
+    problems = _state_mismatches(unet.state_dict(), state)
+    if problems:
+        raise ValueError(f"Weights in {weights_path} do not fit its config: {'; '.join(problems)}")
+    unet.load_state_dict(state, strict=True)
+    return unet.to(map_location).eval(), metadata

@@ -3,6 +3,9 @@
 Kept free of any training framework so both models read top to bottom as plain PyTorch.
 """
 
+import math
+
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -116,3 +119,43 @@ class SelfAttention2d(nn.Module):
         attended = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
         attended = rearrange(attended, "b heads (h w) d -> b (heads d) h w", h=height, w=width)
         return x + self.proj_out(attended)
+
+
+def sinusoidal_timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Timesteps (B,) -> (B, dim) sines and cosines at geometrically spaced frequencies.
+
+    A raw integer is a poor network input; sinusoids give every noise level a distinct,
+    smoothly varying code (as for token positions in a Transformer). Fractional `t` works,
+    which continuous-time samplers need. Always float32: low-precision `t·freq` would merge
+    neighbouring timesteps.
+    """
+    if dim % 2 != 0:
+        raise ValueError(
+            f"The sinusoidal timestep embedding needs an even width, got dim={dim}; "
+            "it is split evenly into sines and cosines."
+        )
+    half = dim // 2
+    exponents = torch.arange(half, dtype=torch.float32, device=t.device) / half
+    frequencies = torch.exp(-math.log(max_period) * exponents)  # (dim/2,) from 1 to ~1/max_period
+    angles = rearrange(t.float(), "b -> b 1") * rearrange(frequencies, "f -> 1 f")  # (B, dim/2)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, dim)
+
+
+class TimestepEmbedding(nn.Module):
+    """Timesteps (B,) -> (B, embed_dim): sinusoidal code, then a two-layer MLP.
+
+    The MLP lets the network learn which features of the noise level each block needs;
+    every `ResnetBlock` then projects this one shared embedding for itself.
+    """
+
+    def __init__(self, sinusoid_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.sinusoid_dim = sinusoid_dim
+        self.linear_in = nn.Linear(sinusoid_dim, embed_dim)
+        self.linear_out = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, t: Tensor) -> Tensor:
+        code = sinusoidal_timestep_embedding(t, self.sinusoid_dim)  # (B, sinusoid_dim) float32
+        # Match the weights' dtype so a model cast to bf16 as a whole still runs.
+        hidden = F.silu(self.linear_in(code.to(self.linear_in.weight.dtype)))
+        return self.linear_out(hidden)  # (B, embed_dim)

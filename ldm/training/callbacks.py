@@ -24,14 +24,24 @@ class ImageLogger(Callback):
     """After each validation, log a grid of ``pl_module.log_images(batch)`` on fixed images.
 
     The batch is the first validation batch, so every grid of a run shows the same images.
-    Each entry of the returned dict becomes one row; grids are also saved as PNG files in
-    ``<run dir>/images`` whatever the logger.
+    Each entry of the returned dict becomes one row (a module with ``sample_prompts`` gets them
+    as the caption's columns); grids are also saved as PNG files in ``<run dir>/images``
+    whatever the logger. Runs every ``every_n_epochs`` epochs and after the last one.
     """
 
-    def __init__(self, num_images: int, image_dir: Path) -> None:
+    def __init__(self, num_images: int, image_dir: Path, every_n_epochs: int = 1) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"Image logging every_n_epochs must be ≥ 1, got {every_n_epochs}")
         self.num_images = num_images
         self.image_dir = Path(image_dir)
+        self.every_n_epochs = every_n_epochs
         self._batch: dict[str, Any] | None = None
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        last_epoch = (
+            trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        )
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last_epoch
 
     def on_validation_batch_end(
         self,
@@ -49,6 +59,8 @@ class ImageLogger(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._batch is None or trainer.sanity_checking or self.num_images < 1:
             return
+        if not self._due(trainer):
+            return
         rows = pl_module.log_images(self._batch)
         stacked = torch.cat([images.float().cpu() for images in rows.values()])
         grid = make_grid((stacked.clamp(-1, 1) + 1) / 2, nrow=len(next(iter(rows.values()))))
@@ -56,6 +68,9 @@ class ImageLogger(Callback):
         path = self.image_dir / f"{'_'.join(rows)}_step{trainer.global_step:07d}.png"
         save_image(grid, path)
         caption = " / ".join(f"row {i + 1}: {name}" for i, name in enumerate(rows))
+        prompts = getattr(pl_module, "sample_prompts", None)
+        if prompts:
+            caption += " | columns: " + " | ".join(prompts)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(

@@ -10,6 +10,7 @@ from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.models.vae import VAE, VAEConfig, count_parameters, vae_loss
+from ldm.training.optim import build_optimizer
 
 
 class VAEModule(L.LightningModule):
@@ -37,6 +38,9 @@ class VAEModule(L.LightningModule):
         # [-1, 1] images: a data range of 2.
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+
+    # Lightning's ThroughputMonitor reads this; unknown here, so it reports images/s only.
+    flops_per_batch: float | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -114,10 +118,7 @@ class VAEModule(L.LightningModule):
         self.latent_channel_std.copy_(torch.tensor(stats["channel_std"]))
         self.latent_scale_factor.fill_(stats["scale_factor"])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.vae.parameters(),
-            lr=self.optim["lr"],
-            betas=tuple(self.optim["betas"]),
-            weight_decay=self.optim["weight_decay"],
+    def configure_optimizers(self) -> dict[str, Any]:
+        return build_optimizer(
+            self.vae.parameters(), self.optim, int(self.trainer.estimated_stepping_batches)
         )
