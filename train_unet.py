@@ -1,6 +1,22 @@
-"""Placeholder: this stage is not built yet (see the project's open issues)."""
+"""Stage 2: train the text-conditional U-Net on latents cached by the frozen VAE.
 
-import sys
+python train_unet.py [overrides]        e.g. experiment=demo trainer=cuda data.subset=40000
+python train_unet.py vae_export=runs/vae/<run>/export   (default: the latest VAE run)
+python train_unet.py ckpt_path=runs/unet/<run>/checkpoints/last.ckpt   (resume)
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from ldm.training.unet_stage import run_unet_stage
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train_unet")
+def main(cfg: DictConfig) -> None:
+    result = run_unet_stage(cfg)
+    if result.export_dir is not None:
+        print(f"U-Net export: {result.export_dir}")
+
 
 if __name__ == "__main__":
-    sys.exit(f"{__file__} is not built yet: it arrives with its issue. Only train_vae.py runs now.")
+    main()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -72,6 +73,18 @@ def _callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool) -> tuple[list,
             )
         )
     return callbacks, best
+
+
+def log_final_metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
+    """Print the last validation numbers: the console shows them after the progress bar."""
+    final = {
+        name: float(value)
+        for name, value in sorted(trainer.callback_metrics.items())
+        if name.startswith(prefix) and value.numel() == 1
+    }
+    if final:
+        log.info("Final validation: %s", ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
+    return final
 
 
 def _load_weights(module: VAEModule, checkpoint: Path) -> None:
@@ -164,6 +177,7 @@ def run_vae_stage(cfg: DictConfig, run_dir: Path | None = None) -> VAEStageResul
 
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        log_final_metrics(trainer, prefix="val/")
         checkpoint = Path(best.best_model_path or context.run_dir / "checkpoints" / "last.ckpt")
         if trainer.fast_dev_run:
             close_logger(logger)

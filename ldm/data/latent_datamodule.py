@@ -1,0 +1,318 @@
+"""Stage-2 data: cached VAE latents and caption hidden states as seeded, resumable loaders.
+
+``prepare_data`` (rank 0 under DDP) checks the caches against the current VAE export, text
+encoder and data config, and builds whatever is missing or stale: the image index comes from
+:class:`~ldm.data.datamodule.CaptionedImageDataModule`, so COCO is read one way only.
+``setup`` (every rank) only opens memory maps. Folder layout under ``cache.dir``::
+
+    {source}-{digest of data.root}/train_latents/   ImageLatentCache (with mirrored encodings)
+                                   val_latents/     ImageLatentCache
+                                   captions/        CaptionHiddenStateCache, both splits
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from ldm.checkpoints import METADATA_FILENAME, file_fingerprint, load_vae_export
+from ldm.data.coco_index import DOWNLOAD_HINT, CaptionedImage
+from ldm.data.config import DataConfig
+from ldm.data.datamodule import CaptionedImageDataModule, LoaderSettings
+from ldm.data.latent_cache import (
+    IMAGE_LATENTS_KIND,
+    ImageLatentCache,
+    build_image_latent_cache,
+    image_latent_key,
+)
+from ldm.data.latent_dataset import CachedLatentDataset
+from ldm.data.latent_store import CacheConfig, cache_is_current
+from ldm.data.latent_text_cache import (
+    CAPTION_STATES_KIND,
+    CaptionHiddenStateCache,
+    build_caption_hidden_state_cache,
+    caption_hidden_state_key,
+)
+from ldm.data.sampler import ResumableDataLoader, ResumableSampler
+from ldm.text import FrozenTextEncoder, TextEncoderConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Batches ``{"latent_mean", "latent_std": (B,C,h,w) float32, "text_hidden_states":
+    (B,L,W) float32, "caption": list[str], "image_id": (B,)}`` from the caches.
+
+    Also exposes what the U-Net module needs around them: :attr:`scale_factor`,
+    :attr:`text_num_positions` and :meth:`empty_prompt_hidden_states`.
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        loader: LoaderSettings,
+        *,
+        seed: int,
+        cache_dir: Path,
+        cache: CacheConfig,
+        vae_export: Path,
+        text_encoder: TextEncoderConfig,
+        encode_device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        self.config = data
+        self.loader = loader
+        self.seed = seed
+        self.cache = cache
+        self.vae_export = Path(vae_export)
+        self.text_encoder = text_encoder
+        self.encode_device = torch.device(encode_device)
+        self.images = CaptionedImageDataModule(data, loader, seed=seed, cache_dir=cache_dir)
+        self.latents: dict[str, ImageLatentCache] = {}
+        self.captions: CaptionHiddenStateCache | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        data_cfg: Any,
+        cache_cfg: Any,
+        text_encoder_cfg: Any,
+        loader: LoaderSettings,
+        *,
+        seed: int,
+        cache_dir: Path,
+        vae_export: Path,
+        encode_device: str | torch.device = "cpu",
+    ) -> LatentDataModule:
+        """Build from the ``data``, ``cache`` and ``text_encoder`` nodes of a Hydra config."""
+        return cls(
+            DataConfig.from_dict(_plain(data_cfg)),
+            loader,
+            seed=seed,
+            cache_dir=cache_dir,
+            cache=CacheConfig.from_dict(_plain(cache_cfg)),
+            vae_export=vae_export,
+            text_encoder=TextEncoderConfig.from_dict(_plain(text_encoder_cfg)),
+            encode_device=encode_device,
+        )
+
+    # ---- where the caches live and what they must match --------------------------------
+
+    @cached_property
+    def folder(self) -> Path:
+        """This dataset's cache folder: caches of different datasets never overwrite each other."""
+        digest = hashlib.sha1(str(self.config.root.resolve()).encode()).hexdigest()[:10]
+        return self.cache.dir / f"{self.config.source}-{digest}"
+
+    def _latents_folder(self, split: str) -> Path:
+        return self.folder / f"{split}_latents"
+
+    @cached_property
+    def vae_metadata(self) -> dict[str, Any]:
+        """The VAE export's JSON (weights fingerprint, latent statistics), read without
+        loading the weights: enough to validate a cache."""
+        path = (
+            self.vae_export
+            if self.vae_export.suffix == ".json"
+            else (self.vae_export / METADATA_FILENAME)
+        )
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"No VAE export at {self.vae_export} ({path} does not exist). Train and export "
+                "the VAE first with `python train_vae.py`, then point stage 2 at its export folder."
+            )
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def _data_key(self, split: str) -> dict[str, Any]:
+        """The data config one split's caches depend on, with the annotation file's hash so an
+        edited or regenerated file is noticed even when every path stays the same."""
+        config = self.config
+        own_val = split == "val" and config.val is not None
+        files = config.val if own_val else config.train
+        if not files.annotations.is_file():
+            raise FileNotFoundError(
+                f"COCO captions file not found: {files.annotations}. {DOWNLOAD_HINT}"
+            )
+        key = {
+            "source": config.source,
+            "root": str(config.root.resolve()),
+            "split": split,
+            "annotations": str(files.annotations.resolve()),
+            "annotations_sha256": file_fingerprint(files.annotations),
+            "images": str(files.images.resolve()),
+            "image_size": config.image_size,
+            "subset": config.val_subset if own_val else config.subset,
+        }
+        if config.val is None:  # the split is a seeded hold-out of the training images
+            key["holdout"] = {"val_fraction": config.val_fraction, "seed": self.seed}
+        return key
+
+    @cached_property
+    def _wanted(self) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
+        """(split or "all", kind) → (folder, key) of every cache this run needs."""
+        data_keys = {split: self._data_key(split) for split in SPLITS}
+        vae_sha = self.vae_metadata["weights_sha256"]
+        wanted = {
+            (split, IMAGE_LATENTS_KIND): (
+                self._latents_folder(split),
+                image_latent_key(vae_sha, data_keys[split], self.config.hflip and split == "train"),
+            )
+            for split in SPLITS
+        }
+        wanted["all", CAPTION_STATES_KIND] = (
+            self.folder / "captions",
+            caption_hidden_state_key(
+                self.text_encoder.fingerprint(), data_keys, self.cache.text_max_positions
+            ),
+        )
+        return wanted
+
+    # ---- Lightning hooks ----------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Build every missing or stale cache (or refuse, under ``cache.policy=error``)."""
+        self.images.prepare_data()
+        todo = [
+            (split, kind)
+            for (split, kind), (folder, key) in self._wanted.items()
+            if not cache_is_current(folder, kind, key, self.cache.policy)
+        ]
+        if not todo:
+            log.info("Latent caches under %s are current", self.folder)
+            return
+        self.images.setup()
+        records = {"train": self.images.train_records, "val": self.images.val_records}
+        for split, kind in todo:
+            folder, key = self._wanted[split, kind]
+            log.info("Building the %s cache at %s", kind, folder)
+            if kind == IMAGE_LATENTS_KIND:
+                self._build_latents(records[split], folder, key)
+            else:
+                self._build_captions(records, folder, key)
+
+    def _build_latents(self, records: list[CaptionedImage], folder: Path, key: dict) -> None:
+        vae, metadata = load_vae_export(self.vae_export)
+        build_image_latent_cache(
+            folder,
+            records,
+            vae,
+            key=key,
+            scale_factor=float(metadata["latent_stats"]["scale_factor"]),
+            image_size_px=self.config.image_size,
+            hflip=key["hflip"],
+            batch_size=self.cache.batch_size,
+            num_workers=self.loader.num_workers,
+            device=self.encode_device,
+        )
+
+    def _build_captions(
+        self, records: dict[str, list[CaptionedImage]], folder: Path, key: dict
+    ) -> None:
+        encoder = FrozenTextEncoder(self.text_encoder).to(self.encode_device)
+        build_caption_hidden_state_cache(
+            folder,
+            records,
+            encoder,
+            key=key,
+            max_positions=self.cache.text_max_positions,
+            batch_size=self.cache.batch_size,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the caches prepared by :meth:`prepare_data`, refusing stale or mismatched ones."""
+        if self.captions is not None:
+            return
+        for (_, kind), (folder, key) in self._wanted.items():
+            if not cache_is_current(folder, kind, key, policy="error"):
+                raise FileNotFoundError(
+                    f"No {kind} cache at {folder}. Call prepare_data() first (Lightning's "
+                    "Trainer.fit does), which builds it."
+                )
+        self.captions = CaptionHiddenStateCache.open(self.folder / "captions")
+        for split in SPLITS:
+            latents = ImageLatentCache.open(self._latents_folder(split))
+            expected = self.captions.metadata["splits"][split]["records_sha256"]
+            if latents.metadata["records_sha256"] != expected:
+                raise ValueError(
+                    f"The {split} latent cache at {latents.folder} and the caption cache at "
+                    f"{self.captions.folder} were built from different image lists. Delete "
+                    f"{self.folder} and run again to rebuild both."
+                )
+            self.latents[split] = latents
+        log.info(
+            "Latent caches: %d training and %d validation images, captions cut to %d tokens",
+            len(self.latents["train"]),
+            len(self.latents["val"]),
+            self.text_num_positions,
+        )
+
+    # ---- what the U-Net module reads ----------------------------------------------------
+
+    @property
+    def scale_factor(self) -> float:
+        """Multiply sampled latents by this for unit variance (the VAE export's measurement)."""
+        return float(self.vae_metadata["latent_stats"]["scale_factor"])
+
+    @property
+    def text_num_positions(self) -> int:
+        """Token positions of every cached caption; encode sampling prompts to this length
+        (``FrozenTextEncoder.encode_hidden_states(prompts, text_num_positions)``)."""
+        return self._opened_captions().num_positions
+
+    def empty_prompt_hidden_states(self) -> torch.Tensor:
+        """(1, L, W) float32 hidden states of the empty prompt, as cached, for condition
+        dropout and classifier-free guidance."""
+        return torch.from_numpy(self._opened_captions().empty_prompt.astype("float32"))[None]
+
+    def _opened_captions(self) -> CaptionHiddenStateCache:
+        if self.captions is None:
+            raise RuntimeError("Call prepare_data() and setup() before reading cache properties.")
+        return self.captions
+
+    # ---- loaders --------------------------------------------------------------------------
+
+    def _dataset(self, split: str) -> CachedLatentDataset:
+        captions = self._opened_captions().split(split)
+        return CachedLatentDataset(self.latents[split], captions, train=split == "train")
+
+    def _common_loader_args(self) -> dict[str, Any]:
+        workers = self.loader.num_workers
+        return {
+            "batch_size": self.config.batch_size,
+            "num_workers": workers,
+            "pin_memory": self.loader.pin_memory,
+            "persistent_workers": self.loader.persistent_workers and workers > 0,
+        }
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        dataset = self._dataset("train")
+        if len(dataset) < self.config.batch_size:
+            raise ValueError(
+                f"Only {len(dataset)} training images for data.batch_size="
+                f"{self.config.batch_size}; lower the batch size."
+            )
+        sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=True)
+        return ResumableDataLoader(
+            dataset, sampler=sampler, drop_last=True, **self._common_loader_args()
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._dataset("val"), shuffle=False, drop_last=False, **self._common_loader_args()
+        )
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    """A Hydra node (or a plain dict) as a plain, resolved dict."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)

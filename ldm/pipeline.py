@@ -1,0 +1,201 @@
+"""Prompt → image: the one sampling path used by validation grids and by ``sample.py``.
+
+encode prompt ─► sampler loop with classifier-free guidance (``ldm.diffusion.sample``) ─►
+divide by the latent scale ─► VAE decode. Every image gets its own seeded generator, so an
+image depends only on its prompt, its seed and the sampling options — not on its batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ldm.diffusion import SAMPLERS, NoiseSchedule, sample
+from ldm.models.vae import VAE
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to denoise; validated against the schedule before any work starts."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    cfg_scale: float = 7.5
+    eta: float = 0.0
+    strength: float = 1.0
+
+    def check(self, num_train_timesteps: int) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if not 1 <= self.steps <= num_train_timesteps:
+            raise ValueError(
+                f"steps={self.steps} is outside 1..{num_train_timesteps}: the model was trained "
+                f"with T={num_train_timesteps} noise levels, so at most {num_train_timesteps} "
+                "sampling steps exist."
+            )
+        if not 0 < self.strength <= 1:
+            raise ValueError(
+                f"strength={self.strength} must be in (0, 1]: 1 starts from pure noise, values "
+                "near 0 keep the init image almost unchanged."
+            )
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be ≥ 0 (1 = no guidance), got {self.cfg_scale}")
+
+
+class TextEncoderLike:
+    """What the pipeline needs from a text encoder (``ldm.text.FrozenTextEncoder`` fits)."""
+
+    def encode_hidden_states(self, prompts: Sequence[str], num_positions: int) -> Tensor: ...
+
+
+class LatentDiffusionPipeline:
+    """A trained U-Net, its VAE and its text encoder, put together to make images.
+
+    ``offload=True`` keeps each model on the CPU except while it runs (for small GPUs).
+    """
+
+    def __init__(
+        self,
+        *,
+        unet: nn.Module,
+        vae: VAE,
+        text_encoder: TextEncoderLike | None,
+        schedule: NoiseSchedule,
+        latent_scale: float,
+        latent_shape: tuple[int, int, int],
+        context_length: int,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+        offload: bool = False,
+    ) -> None:
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.device = torch.device(device)
+        self.schedule = schedule.to(device=self.device)
+        self.latent_scale = latent_scale
+        self.latent_shape = latent_shape
+        self.context_length = context_length
+        self.autocast_dtype = autocast_dtype
+        self.offload = offload
+        if not offload:
+            for model in self._models():
+                model.to(self.device)
+
+    def _models(self) -> list[nn.Module]:
+        models = [self.unet, self.vae]
+        if isinstance(self.text_encoder, nn.Module):
+            models.append(self.text_encoder)
+        return models
+
+    @contextlib.contextmanager
+    def _on_device(self, model: object) -> Iterator[None]:
+        """Move ``model`` to the device for the duration (only when offloading)."""
+        if self.offload and isinstance(model, nn.Module):
+            model.to(self.device)
+            try:
+                yield
+            finally:
+                model.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        else:
+            yield
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """Hidden states (B, context_length, width), truncated exactly as in training."""
+        if self.text_encoder is None:
+            raise RuntimeError("This pipeline was built without a text encoder")
+        with self._on_device(self.text_encoder):
+            hidden = self.text_encoder.encode_hidden_states(list(prompts), self.context_length)
+        return hidden.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] → scaled latents (the posterior mean), for img2img."""
+        with self._on_device(self.vae):
+            latents = self.vae.encode(images.to(self.device, torch.float32)).mode()
+        return latents * self.latent_scale
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents → images in [-1, 1]."""
+        with self._on_device(self.vae):
+            images = self.vae.decode(latents.to(self.device, torch.float32) / self.latent_scale)
+        return images.clamp(-1, 1)
+
+    @torch.no_grad()
+    def generate_from_context(
+        self,
+        context: Tensor,
+        uncond_context: Tensor,
+        seeds: Sequence[int],
+        options: SamplingOptions,
+        *,
+        init_latents: Tensor | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] from text hidden states; the core of every caller."""
+        options.check(self.schedule.num_train_timesteps)
+        if len(seeds) != context.shape[0]:
+            raise ValueError(f"Got {len(seeds)} seeds for {context.shape[0]} prompts")
+        generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+        uncond = uncond_context.to(self.device).expand_as(context)
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            with self._on_device(self.unet), self._autocast():
+                latents = sample(
+                    self.unet,
+                    self.schedule,
+                    options.sampler,
+                    steps=options.steps,
+                    cond=context.to(self.device),
+                    uncond=uncond,
+                    cfg_scale=options.cfg_scale,
+                    eta=options.eta,
+                    strength=options.strength,
+                    shape=None if init_latents is not None else (len(seeds), *self.latent_shape),
+                    init_latent=init_latents,
+                    generator=generators,
+                    progress=progress,
+                )
+        finally:
+            self.unet.train(was_training)
+        return self.decode_latents(latents)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        options: SamplingOptions,
+        *,
+        negative_prompts: Sequence[str] | None = None,
+        init_images: Tensor | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Text (and optionally an init image) → images (B, 3, H, W) in [-1, 1]."""
+        options.check(self.schedule.num_train_timesteps)
+        context = self.encode_prompts(prompts)
+        negatives = list(negative_prompts) if negative_prompts else [""] * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"Got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        uncond = self.encode_prompts(negatives)
+        init_latents = None
+        if init_images is not None:
+            if options.strength == 1:
+                raise ValueError("An init image needs strength < 1 to keep any of it")
+            init_latents = self.encode_images(init_images)
+            if init_latents.shape[0] == 1 and len(prompts) > 1:
+                init_latents = init_latents.expand(len(prompts), -1, -1, -1)
+        return self.generate_from_context(
+            context, uncond, seeds, options, init_latents=init_latents, progress=progress
+        )

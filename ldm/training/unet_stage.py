@@ -1,0 +1,188 @@
+"""Stage 2 end to end: check inputs, build the caches, train the U-Net, export for sampling."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checkpoints import load_vae_export, save_unet_export
+from ldm.data.latent_datamodule import LatentDataModule
+from ldm.runs import point_latest_at, start_run
+from ldm.text import FrozenTextEncoder, TextEncoderConfig
+from ldm.training.callbacks import ImageLogger
+from ldm.training.diffusion_module import LatentDiffusionModule
+from ldm.training.loggers import build_logger, close_logger
+from ldm.training.trainer import build_trainer
+from ldm.training.vae_stage import log_final_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UNetStageResult:
+    run_dir: Path
+    export_dir: Path | None
+    final_metrics: dict[str, float]
+
+
+def _container(node: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    return int(batch["latent_mean"].shape[0])
+
+
+def check_inputs_fit(cfg: DictConfig, vae_metadata: dict[str, Any]) -> None:
+    """Refuse, before any work, a VAE whose latents or image size do not fit this run."""
+    latent_channels = vae_metadata["model_config"]["latent_channels"]
+    unet_channels = cfg.model.unet.in_channels
+    if latent_channels != unet_channels or cfg.model.unet.out_channels != latent_channels:
+        raise ValueError(
+            f"The VAE export has {latent_channels} latent channels but the U-Net is configured "
+            f"for in/out {unet_channels}/{cfg.model.unet.out_channels}: set "
+            f"model.unet.in_channels={latent_channels} model.unet.out_channels={latent_channels}."
+        )
+    trained_size = vae_metadata.get("extra", {}).get("image_size")
+    if trained_size is not None and trained_size != cfg.data.image_size:
+        raise ValueError(
+            f"The VAE was trained on {trained_size}px images but data.image_size="
+            f"{cfg.data.image_size}: set data.image_size={trained_size}, or point vae_export "
+            "at a VAE trained at this size."
+        )
+    downsample = 2 ** (len(vae_metadata["model_config"]["block_channels"]) - 1)
+    latent_side = cfg.data.image_size // downsample
+    unet_factor = 2 ** (len(cfg.model.unet.channel_multipliers) - 1)
+    if latent_side % unet_factor:
+        raise ValueError(
+            f"{latent_side}×{latent_side} latents cannot be halved {unet_factor.bit_length() - 1} "
+            "times by the U-Net: use fewer model.unet.channel_multipliers or a larger image size."
+        )
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool) -> tuple[list, ModelCheckpoint]:
+    checkpoint_dir = run_dir / "checkpoints"
+    best = ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1
+    )
+    periodic = ModelCheckpoint(  # refreshes last.ckpt every N steps and at every epoch end
+        dirpath=checkpoint_dir,
+        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+        save_top_k=0,
+        save_last=True,
+    )
+    callbacks: list = [
+        best,
+        periodic,
+        ImageLogger(
+            len(cfg.validation.prompts),
+            run_dir / "images",
+            every_n_epochs=cfg.validation.sample_every_n_epochs,
+        ),
+    ]
+    if with_logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(
+            ThroughputMonitor(
+                batch_size_fn=_batch_size, window_size=cfg.logging.throughput_window_batches
+            )
+        )
+    return callbacks, best
+
+
+def _export(
+    cfg: DictConfig, module: LatentDiffusionModule, vae_export: Path, vae_sha256: str, run_dir: Path
+) -> Path:
+    description = {
+        "diffusion": _container(cfg.diffusion),
+        "text_encoder": _container(cfg.text_encoder),
+        "latent_scale": module.latent_scale,
+        "latent_shape": list(module.hparams.latent_shape),
+        "context_length": module.hparams.context_length,
+        "image_size": cfg.data.image_size,
+        "vae_export": str(vae_export.resolve()),
+        "vae_weights_sha256": vae_sha256,
+        "cond_dropout": cfg.cond_dropout,
+        "ema_steps": module.ema.steps_seen,
+        "seed": cfg.seed,
+    }
+    return save_unet_export(
+        run_dir / "export", raw=module.unet, ema=module.ema.module, description=description
+    )
+
+
+def run_unet_stage(cfg: DictConfig, run_dir: Path | None = None) -> UNetStageResult:
+    """Train the U-Net on the cached latents of ``cfg.vae_export`` and export it."""
+    vae_export = Path(cfg.vae_export)
+    vae, vae_metadata = load_vae_export(vae_export)
+    check_inputs_fit(cfg, vae_metadata)
+    context = start_run(cfg, run_dir)
+    datamodule = LatentDataModule.from_config(
+        cfg.data,
+        cfg.cache,
+        cfg.text_encoder,
+        context.device.loader,
+        seed=context.seed,
+        cache_dir=Path(cfg.paths.cache_dir),
+        vae_export=vae_export,
+        encode_device=context.device.torch_device,
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    latent_shape = list(datamodule.latents["train"].latent_shape)
+    text_encoder = FrozenTextEncoder(TextEncoderConfig.from_dict(_container(cfg.text_encoder)))
+    prompts = list(cfg.validation.prompts)
+    sample_context = text_encoder.encode_hidden_states(prompts, datamodule.text_num_positions)
+    del text_encoder  # ~250 MB we no longer need: training reads the caption cache
+
+    module = LatentDiffusionModule(
+        unet=_container(cfg.model.unet),
+        diffusion=_container(cfg.diffusion),
+        optim=_container(cfg.optim),
+        ema=_container(cfg.ema),
+        cond_dropout=cfg.cond_dropout,
+        latent_scale=datamodule.scale_factor,
+        latent_shape=latent_shape,
+        context_length=datamodule.text_num_positions,
+        validation=_container(cfg.validation),
+        provenance={
+            "vae_export": str(vae_export.resolve()),
+            "vae_weights_sha256": vae_metadata["weights_sha256"],
+            "text_encoder": _container(cfg.text_encoder),
+            "image_size": cfg.data.image_size,
+        },
+    )
+    module.attach_frozen_inputs(
+        empty_context=datamodule.empty_prompt_hidden_states(),
+        vae=vae,
+        sample_prompts=prompts,
+        sample_context=sample_context,
+    )
+    log.info("U-Net parameters: %s", f"{module.num_parameters:,}")
+    logger = build_logger(_container(cfg.logger), context.run_dir)
+    if logger is not None:
+        logger.log_hyperparams({"unet_parameters": module.num_parameters})
+    callbacks, _ = _callbacks(cfg, context.run_dir, with_logger=logger is not None)
+    trainer = build_trainer(
+        _container(cfg.trainer),
+        context.device,
+        run_dir=context.run_dir,
+        logger=logger,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    final = log_final_metrics(trainer, prefix="val/")
+    export_dir = None
+    if not trainer.fast_dev_run:
+        export_dir = _export(
+            cfg, module, vae_export, vae_metadata["weights_sha256"], context.run_dir
+        )
+        log.info("U-Net export (raw and EMA weights): %s", export_dir)
+        point_latest_at(context.run_dir)
+    close_logger(logger)
+    return UNetStageResult(context.run_dir, export_dir, final)

@@ -1,0 +1,210 @@
+"""Stage 2 end to end: input checks, condition dropout, deterministic validation, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose_config
+
+from ldm.checkpoints import load_unet_export, read_unet_metadata, save_vae_export
+from ldm.models.vae import VAE, VAEConfig
+from ldm.training.diffusion_module import LatentDiffusionModule
+from ldm.training.unet_stage import check_inputs_fit, run_unet_stage
+
+TINY_VAE = VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8)
+TINY = [
+    "experiment=demo",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "model.unet.model_channels=16",
+    "model.unet.channel_multipliers=[1,2]",
+    "model.unet.transformer_levels=[1]",
+    "model.unet.norm_groups=8",
+    "model.unet.attention_head_dim=16",
+    "validation.prompts=[a red circle,a blue square]",
+    "validation.sampling.steps=3",
+    "validation.timestep_buckets=2",
+    "cache.text_max_positions=8",
+    "optim.lr_warmup_steps=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "logging.throughput_window_batches=2",
+]
+
+
+@pytest.fixture(scope="module")
+def vae_export(tmp_path_factory) -> Path:
+    """A tiny random VAE exported as train_vae.py would, for 32px images."""
+    torch.manual_seed(0)
+    stats = {
+        "channel_mean": [0.0] * 4,
+        "channel_std": [1.0] * 4,
+        "global_mean": 0.0,
+        "global_std": 2.0,
+        "scale_factor": 0.5,
+        "num_latents": 8,
+        "sampled_posterior": True,
+    }
+    return save_vae_export(
+        tmp_path_factory.mktemp("vae") / "export",
+        VAE(TINY_VAE),
+        latent_stats=stats,
+        extra={"image_size": 32},
+    )
+
+
+def tiny_cfg(synthetic_overrides: list[str], vae_export: Path, *extra: str):
+    return compose_config(
+        "train_unet", [*TINY, *synthetic_overrides, f"vae_export={vae_export}", *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_root, vae_export):
+    root = tmp_path_factory.mktemp("unet")
+    overrides = [
+        "data=synthetic",
+        f"data.root={synthetic_root}",
+        "data.synthetic.num_train=48",
+        "data.synthetic.num_val=16",
+        "data.synthetic.num_heldout=12",
+        "data.synthetic.seed=3",
+        f"paths.root_dir={root}",
+        "trainer=cpu",
+        "trainer.num_workers=0",
+    ]
+    cfg = tiny_cfg(overrides, vae_export, "trainer.max_epochs=2")
+    return run_unet_stage(cfg, run_dir=root / "runs" / "unet" / "run1"), cfg
+
+
+def test_training_exports_raw_and_ema_weights_with_everything_sampling_needs(
+    trained, vae_export
+) -> None:
+    result, cfg = trained
+    metadata = read_unet_metadata(result.export_dir)
+    assert metadata["latent_scale"] == 0.5
+    assert metadata["vae_export"] == str(vae_export.resolve())
+    assert metadata["text_encoder"]["pretrained"] is None
+    assert metadata["diffusion"]["num_train_timesteps"] == cfg.diffusion.num_train_timesteps
+    assert metadata["context_length"] <= 8
+    assert metadata["latent_shape"] == [4, 16, 16]
+    raw, _ = load_unet_export(result.export_dir, weights="raw")
+    ema, _ = load_unet_export(result.export_dir, weights="ema")
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(raw.state_dict().values(), ema.state_dict().values(), strict=True)
+    )
+
+
+def test_lightning_checkpoint_records_vae_scale_text_encoder_and_schedule(trained) -> None:
+    result, _ = trained
+    state = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    hparams = state["hyper_parameters"]
+    assert hparams["latent_scale"] == 0.5
+    assert hparams["provenance"]["vae_weights_sha256"]
+    assert hparams["provenance"]["text_encoder"]["model_name"] == "ViT-B-32"
+    assert hparams["diffusion"]["beta_schedule"] == "linear"
+    assert not any(key.startswith(("text_encoder", "_vae", "vae.")) for key in state["state_dict"])
+    assert any(key.startswith("ema.") for key in state["state_dict"])
+
+
+def test_optimizer_and_lr_schedule_state_survive_the_checkpoint(trained) -> None:
+    result, _ = trained
+    state = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["optimizer_states"][0]["state"]  # Adam moments are saved
+    assert state["lr_schedulers"][0]["last_epoch"] == state["global_step"]
+
+
+def test_resuming_continues_the_step_count_and_lr_schedule(trained, tmp_path) -> None:
+    result, cfg = trained
+    last = result.run_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    cfg.ckpt_path = str(last)
+    cfg.trainer.max_epochs = 3
+    cfg.logger = {"kind": "none"}
+    resumed = run_unet_stage(cfg, run_dir=tmp_path / "resumed")
+    after = torch.load(resumed.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert after["global_step"] == saved["global_step"] * 3 // 2
+    assert after["lr_schedulers"][0]["last_epoch"] == after["global_step"]
+
+
+def test_sample_grids_are_saved_for_raw_and_ema_weights(trained) -> None:
+    result, _ = trained
+    assert list((result.run_dir / "images").glob("samples_raw_samples_ema_step*.png"))
+
+
+def test_validation_loss_is_identical_across_two_evaluations(trained) -> None:
+    result, _ = trained
+    state = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    module = LatentDiffusionModule(**state["hyper_parameters"])
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    batch = {
+        "latent_mean": torch.randn(6, 4, 16, 16),
+        "latent_std": torch.rand(6, 4, 16, 16),
+        "text_hidden_states": torch.randn(6, 5, 512),
+    }
+    with torch.no_grad():
+        first, t_first = module.validation_losses(batch, batch_idx=3)
+        torch.manual_seed(123)  # the global RNG must not matter
+        second, t_second = module.validation_losses(batch, batch_idx=3)
+    assert torch.equal(first, second) and torch.equal(t_first, t_second)
+    assert t_first.min() < 50 and t_first.max() > 150  # spread over the whole schedule
+
+
+def test_condition_dropout_replaces_the_configured_fraction_by_the_empty_prompt() -> None:
+    module = LatentDiffusionModule(
+        unet={
+            "model_channels": 16,
+            "channel_multipliers": [1],
+            "transformer_levels": [0],
+            "norm_groups": 8,
+            "attention_head_dim": 16,
+        },
+        diffusion={},
+        optim={"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0},
+        ema={},
+        cond_dropout=0.25,
+        latent_scale=1.0,
+        latent_shape=[4, 8, 8],
+        context_length=3,
+        validation={"timestep_buckets": 2},
+        provenance={},
+    )
+    module.empty_context.copy_(torch.full((1, 3, 512), 7.0))
+    torch.manual_seed(0)
+    context = torch.randn(4000, 3, 512)
+    dropped = module._drop_conditions(context)
+    is_empty = (dropped == 7.0).all(dim=(1, 2))
+    assert 0.22 < is_empty.float().mean() < 0.28
+    assert torch.equal(dropped[~is_empty], context[~is_empty])
+
+
+def test_latent_channel_mismatch_fails_before_training() -> None:
+    cfg = compose_config("train_unet", ["model.unet.in_channels=8", "model.unet.out_channels=8"])
+    metadata = {
+        "model_config": {"latent_channels": 4, "block_channels": [64, 128, 256, 256]},
+        "extra": {"image_size": 128},
+    }
+    with pytest.raises(ValueError, match=r"4 latent channels.*model\.unet\.in_channels=4"):
+        check_inputs_fit(cfg, metadata)
+
+
+def test_image_size_mismatch_fails_before_training() -> None:
+    cfg = compose_config("train_unet", ["data.image_size=64"])
+    metadata = {
+        "model_config": {"latent_channels": 4, "block_channels": [64, 128, 256, 256]},
+        "extra": {"image_size": 128},
+    }
+    with pytest.raises(ValueError, match=r"128px.*data\.image_size=128"):
+        check_inputs_fit(cfg, metadata)
+
+
+def test_missing_vae_export_names_the_command_to_make_it(synthetic_overrides, tmp_path) -> None:
+    cfg = compose_config(
+        "train_unet", [*TINY, *synthetic_overrides, f"vae_export={tmp_path / 'nowhere'}"]
+    )
+    with pytest.raises(FileNotFoundError, match=r"train_vae\.py"):
+        run_unet_stage(cfg, run_dir=tmp_path / "run")
