@@ -345,18 +345,16 @@ def test_the_same_item_seed_gives_the_same_item(prepared: LatentDataModule) -> N
     assert torch.equal(first["latent_mean"], second["latent_mean"])
 
 
-def test_a_resumed_train_loader_continues_with_the_same_batches(
+def test_a_restored_data_module_continues_with_the_same_batches(
     prepared: LatentDataModule,
 ) -> None:
-    loader = prepared.train_dataloader()
-    batches = iter(loader)
+    batches = iter(prepared.train_dataloader())
     next(batches)
-    state = loader.state_dict()
+    state = prepared.state_dict()
     expected = next(batches)
 
-    resumed = prepared.train_dataloader()
-    resumed.load_state_dict(state)
-    found = next(iter(resumed))
+    prepared.load_state_dict(state)
+    found = next(iter(prepared.train_dataloader()))
     assert found["caption"] == expected["caption"]
     assert torch.equal(found["latent_mean"], expected["latent_mean"])
 

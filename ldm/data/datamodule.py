@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader
 from ldm.data.coco_index import CaptionedImage, build_caption_index
 from ldm.data.config import DataConfig
 from ldm.data.dataset import CaptionedImageDataset, collate_skipping_unreadable
-from ldm.data.sampler import ResumableDataLoader, ResumableSampler
+from ldm.data.sampler import ResumableDataLoader, ResumableDataModule
 from ldm.data.synthetic import generate_synthetic_dataset
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ def hold_out(
     return train, val
 
 
-class CaptionedImageDataModule(L.LightningDataModule):
+class CaptionedImageDataModule(ResumableDataModule):
     """COCO captions (or the synthetic set, or any COCO-format folder) as Lightning loaders."""
 
     def __init__(
@@ -120,10 +119,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
                 f"Only {len(dataset)} training images for data.batch_size="
                 f"{self.config.batch_size}; lower the batch size."
             )
-        sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=True)
-        return ResumableDataLoader(
-            dataset, sampler=sampler, drop_last=True, **self._common_loader_args()
-        )
+        return self.resumable_train_loader(dataset, seed=self.seed, **self._common_loader_args())
 
     def measurement_dataloader(self) -> DataLoader:
         """Training images without augmentation, in order: for measuring latent statistics."""

@@ -19,7 +19,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
@@ -42,7 +41,7 @@ from ldm.data.latent_text_cache import (
     build_caption_hidden_state_cache,
     caption_hidden_state_key,
 )
-from ldm.data.sampler import ResumableDataLoader, ResumableSampler
+from ldm.data.sampler import ResumableDataLoader, ResumableDataModule
 from ldm.text import FrozenTextEncoder, TextEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 
 
-class LatentDataModule(L.LightningDataModule):
+class LatentDataModule(ResumableDataModule):
     """Batches ``{"latent_mean", "latent_std": (B,C,h,w) float32, "text_hidden_states":
     (B,L,W) float32, "caption": list[str], "image_id": (B,)}`` from the caches.
 
@@ -302,10 +301,7 @@ class LatentDataModule(L.LightningDataModule):
                 f"Only {len(dataset)} training images for data.batch_size="
                 f"{self.config.batch_size}; lower the batch size."
             )
-        sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=True)
-        return ResumableDataLoader(
-            dataset, sampler=sampler, drop_last=True, **self._common_loader_args()
-        )
+        return self.resumable_train_loader(dataset, seed=self.seed, **self._common_loader_args())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

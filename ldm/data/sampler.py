@@ -1,8 +1,8 @@
 """Seeded shuffling whose position inside an epoch is saved in checkpoints and restored.
 
-Lightning stores the ``state_dict`` of any stateful train loader in its checkpoints; with
-:class:`ResumableDataLoader` a run resumed mid-epoch sees exactly the batches (and, through the
-per-item seeds, exactly the augmentations) that an uninterrupted run would have seen.
+A data module derived from :class:`ResumableDataModule` keeps its :class:`ResumableDataLoader`'s
+position in its own checkpoint state, so a run resumed mid-epoch sees exactly the batches (and,
+through the per-item seeds, exactly the augmentations) that an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import lightning as L
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 _SEED_RANGE = 2**62
 
@@ -89,7 +90,8 @@ class ResumableDataLoader(DataLoader):
             self._batches_served += 1
             yield batch
 
-    def state_dict(self) -> dict[str, int]:
+    def position(self) -> dict[str, int]:
+        """Where this loader stands: the epoch and how many batches it has handed out."""
         return {
             "epoch": self.sampler.epoch,
             "batches_served": self._batches_served,
@@ -97,7 +99,8 @@ class ResumableDataLoader(DataLoader):
             "seed": self.sampler.seed,
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def restore_position(self, state: dict[str, int]) -> None:
+        """Continue from a :meth:`position`; the batch size and seed must match."""
         if state["batch_size"] != self.batch_size or state["seed"] != self.sampler.seed:
             raise ValueError(
                 "Cannot resume the data order: the checkpoint was written with batch_size="
@@ -107,3 +110,37 @@ class ResumableDataLoader(DataLoader):
             )
         self.sampler.set_epoch(state["epoch"])
         self.sampler.resume_at(state["epoch"], state["batches_served"] * state["batch_size"])
+
+
+class ResumableDataModule(L.LightningDataModule):
+    """A data module whose checkpoint state is its train loader's position.
+
+    The position travels in the data module's state rather than as the loader's own
+    ``state_dict``: Lightning restores data modules before ``configure_optimizers``, but restores
+    loader states only if the train loader does not exist yet, and
+    ``trainer.estimated_stepping_batches`` (which sizes the LR schedule) builds it early, so a
+    loader-level state would be dropped without a word.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._train_loader: ResumableDataLoader | None = None
+        self._position_to_restore: dict[str, int] | None = None
+
+    def resumable_train_loader(
+        self, dataset: Dataset, *, seed: int, **loader_args: Any
+    ) -> ResumableDataLoader:
+        """A shuffled, resumable train loader; it continues from a restored checkpoint, if any."""
+        sampler = ResumableSampler(len(dataset), seed=seed, shuffle=True)
+        loader = ResumableDataLoader(dataset, sampler=sampler, drop_last=True, **loader_args)
+        if self._position_to_restore is not None:
+            loader.restore_position(self._position_to_restore)
+            self._position_to_restore = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._train_loader is None else {"train_loader": self._train_loader.position()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._position_to_restore = state_dict.get("train_loader")
