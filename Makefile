@@ -17,9 +17,13 @@ install: $(INSTALLED)
 test: install
 	$(PY) -m pytest
 
+DEMO_PROMPT ?= a small red circle on a blue background
+
 demo: install
 	$(PY) -m ldm.data.synthetic --root data/synthetic
 	$(PY) train_vae.py experiment=demo
+	$(PY) train_unet.py experiment=demo
+	$(PY) sample.py experiment=demo prompt="$(DEMO_PROMPT)" n=4
 
 lint: install
 	$(PY) -m ruff check .

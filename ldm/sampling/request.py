@@ -1,0 +1,175 @@
+"""What the user asked ``sample.py`` for, checked before any model is loaded.
+
+Every image is one ``ImageJob``: its prompt, its position and its seed. Seeds are derived as
+``seed + index`` over all images of the run (prompt-major), so any single image can be made again
+alone with ``n=1 seed=<its recorded seed>``: the pipeline gives each image its own generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
+from PIL import Image
+
+from ldm.data.images import ImageReadError, read_rgb_image
+from ldm.diffusion import SAMPLERS
+from ldm.pipeline import SamplingOptions
+from ldm.sampling.errors import SamplingError
+
+DEFAULT_IMG2IMG_STRENGTH = 0.75  # keeps the layout of the init image, redraws its details
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to make: which prompt, which of its ``n`` images, and its seed."""
+
+    prompt_index: int
+    image_index: int
+    prompt: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    prompts: tuple[str, ...]
+    negative_prompt: str
+    images_per_prompt: int
+    batch_size: int
+    seed: int
+    options: SamplingOptions
+    init_image_path: Path | None = None
+    init_image: Image.Image | None = None
+
+    def jobs(self) -> list[ImageJob]:
+        """Every image of the run in order; image i (counting over all prompts) gets seed + i."""
+        n = self.images_per_prompt
+        return [
+            ImageJob(p, j, prompt, self.seed + p * n + j)
+            for p, prompt in enumerate(self.prompts)
+            for j in range(n)
+        ]
+
+    def batches(self) -> Iterator[list[ImageJob]]:
+        """The jobs in model batches of at most ``batch_size`` (prompts may share a batch)."""
+        jobs = self.jobs()
+        for start in range(0, len(jobs), self.batch_size):
+            yield jobs[start : start + self.batch_size]
+
+
+def request_from_config(cfg: DictConfig) -> SampleRequest:
+    """Parse and check the sampling keys of ``conf/sample.yaml``; the init image is read here.
+
+    Checks that need the checkpoint (steps ≤ T) happen once it is loaded.
+    """
+    init_path = None if cfg.init_image is None else Path(cfg.init_image)
+    strength = _strength(cfg.strength, has_init_image=init_path is not None)
+    options = SamplingOptions(
+        sampler=_choice("sampler", cfg.sampler, SAMPLERS),
+        steps=_positive_int("steps", cfg.steps),
+        cfg_scale=_number("cfg_scale", cfg.cfg_scale),
+        eta=_number("eta", cfg.eta),
+        strength=strength,
+    )
+    if options.cfg_scale < 0:
+        raise SamplingError(
+            f"cfg_scale={options.cfg_scale} must be ≥ 0: 1 means no guidance, larger values "
+            "follow the prompt more closely (7.5 is usual)."
+        )
+    return SampleRequest(
+        prompts=tuple(read_prompts(cfg.prompt, cfg.prompts_file)),
+        negative_prompt=str(cfg.negative_prompt or ""),
+        images_per_prompt=_positive_int("n", cfg.n),
+        batch_size=_positive_int("batch_size", cfg.batch_size),
+        seed=_int("seed", cfg.seed),
+        options=options,
+        init_image_path=init_path,
+        init_image=None if init_path is None else read_init_image(init_path),
+    )
+
+
+def read_prompts(prompt: str | Sequence[str] | None, prompts_file: str | None) -> list[str]:
+    """The prompts from ``prompt=`` (one, or a list) or ``prompts_file=`` (one per line)."""
+    if (prompt is None) == (prompts_file is None):
+        both = "both" if prompt is not None else "neither"
+        raise SamplingError(
+            f"Give exactly one of prompt= and prompts_file= (got {both}): "
+            'e.g. prompt="a red sports car" or prompts_file=prompts.txt (one prompt per line).'
+        )
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise SamplingError(
+                f"prompts_file={path} does not exist; give a text file with one prompt per line."
+            )
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line for line in prompts if line]
+        if not prompts:
+            raise SamplingError(f"prompts_file={path} holds no prompts (only blank lines).")
+        return prompts
+    if isinstance(prompt, list | tuple | ListConfig):
+        prompts = [str(p) for p in prompt]
+        if not prompts:
+            raise SamplingError("prompt=[] is an empty list; give at least one prompt.")
+        return prompts
+    return [str(prompt)]
+
+
+def read_init_image(path: Path) -> Image.Image:
+    """The img2img start image as RGB, with a message instead of a decoder's traceback."""
+    if not path.is_file():
+        raise SamplingError(f"init_image={path} does not exist; give the path of a PNG or JPEG.")
+    try:
+        return read_rgb_image(path)
+    except ImageReadError as error:
+        raise SamplingError(
+            f"init_image={path} cannot be read as an image ({error.__cause__ or error}). Give a "
+            "complete PNG, JPEG or other image file PIL can open."
+        ) from None
+
+
+def _strength(value: Any, *, has_init_image: bool) -> float:
+    if value is None:
+        return DEFAULT_IMG2IMG_STRENGTH if has_init_image else 1.0
+    if not has_init_image:
+        raise SamplingError(
+            f"strength={value} only applies to image-to-image: add init_image=<path>, or drop "
+            "strength for text-to-image."
+        )
+    strength = _number("strength", value)
+    if not 0 < strength < 1:
+        raise SamplingError(
+            f"strength={strength} is outside (0, 1) for image-to-image: it is the share of the "
+            "denoising chain to run. Values near 0 keep the init image almost unchanged, values "
+            "near 1 redraw it; strength 1 would ignore the init image (drop init_image instead)."
+        )
+    return strength
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise SamplingError(
+            f"{name}={value!r} is not supported; choose one of {', '.join(choices)}."
+        )
+    return str(value)
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SamplingError(f"{name} must be an integer, got {value!r}.")
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if _int(name, value) < 1:
+        raise SamplingError(f"{name} must be at least 1, got {value}.")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SamplingError(f"{name} must be a number, got {value!r}.")
+    return float(value)
