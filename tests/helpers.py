@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import pytest
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from ldm.data.synthetic import SyntheticConfig
@@ -19,3 +24,72 @@ def compose_config(config_name: str, overrides: list[str] | None = None) -> Dict
     """Compose a real entry-script config the way ``@hydra.main`` would (struct mode on)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides or [])
+
+
+class RecordBatches(Callback):
+    """Remembers the image ids of every training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append(batch["image_id"].tolist())
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by :class:`CrashAfterSteps`."""
+
+
+class CrashAfterSteps(Callback):
+    """Kills training once ``steps`` optimizer steps are done (and checkpointed), like a job
+    stopped by its scheduler: no epoch-end hooks, no final checkpoint."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.steps:
+            raise SimulatedCrash(f"stopped after {self.steps} steps")
+
+
+@dataclass
+class InterruptedRuns:
+    """Batches seen and run directories of: an uninterrupted run, one stopped early, its resume."""
+
+    whole: list[list[int]]
+    first: list[list[int]]
+    resumed: list[list[int]]
+    whole_dir: Path
+    resumed_dir: Path
+
+
+def run_whole_interrupted_and_resumed(
+    stage_module: Any,
+    run_stage: Callable[[DictConfig, Path], Any],
+    make_cfg: Callable[..., DictConfig],
+    tmp_path: Path,
+    monkeypatch: Any,
+    *,
+    stop_after_steps: int,
+) -> InterruptedRuns:
+    """Train three times with ``stage_module._callbacks`` extended by recorders (and a crash for
+    the interrupted run); the third run resumes from the second's ``last.ckpt``."""
+    recorders: list[RecordBatches] = []
+    extra: list[Callback] = []
+    original = stage_module._callbacks
+
+    def with_recorder(cfg, run_dir, with_logger):
+        callbacks, best = original(cfg, run_dir, with_logger)
+        recorders.append(RecordBatches())
+        return [*callbacks, *extra, recorders[-1]], best  # a crash stops the recording too
+
+    monkeypatch.setattr(stage_module, "_callbacks", with_recorder)
+    run_stage(make_cfg(), tmp_path / "whole")
+    extra.append(CrashAfterSteps(stop_after_steps))
+    with pytest.raises(SimulatedCrash):
+        run_stage(make_cfg(), tmp_path / "first")
+    extra.clear()
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    run_stage(make_cfg(f"ckpt_path={last}"), tmp_path / "resumed")
+    whole, first, resumed = (recorder.seen for recorder in recorders)
+    return InterruptedRuns(whole, first, resumed, tmp_path / "whole", tmp_path / "resumed")

@@ -225,19 +225,19 @@ def test_resumed_loader_continues_with_exactly_the_remaining_batches() -> None:
     first.sampler.set_epoch(2)
     iterator = iter(first)
     seen = [next(iterator) for _ in range(4)]
-    state = first.position()
+    state = first.state_dict()
 
     resumed = _loader(40, seed=3)
-    resumed.restore_position(state)
+    resumed.load_state_dict(state)
     rest = [(_indices(b), b[1].tolist()) for b in resumed]
     assert [(_indices(b), b[1].tolist()) for b in seen] + rest == expected
-    assert resumed.position()["batches_served"] == len(expected)
+    assert resumed.state_dict()["batches_served"] == len(expected)
 
 
 def test_resume_with_a_different_batch_size_is_refused() -> None:
-    state = _loader(40, seed=3).position()
+    state = _loader(40, seed=3).state_dict()
     with pytest.raises(ValueError, match="batch_size"):
-        _loader(40, seed=3, batch_size=8).restore_position(state)
+        _loader(40, seed=3, batch_size=8).load_state_dict(state)
 
 
 def test_ranks_receive_disjoint_equal_shards() -> None:

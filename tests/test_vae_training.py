@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import compose_config
-from lightning.pytorch.callbacks import Callback
+from helpers import compose_config, run_whole_interrupted_and_resumed
 
 from ldm.checkpoints import load_vae_export
 from ldm.training.vae_module import VAEModule
@@ -134,30 +133,11 @@ def test_measure_only_without_a_checkpoint_says_what_to_pass(synthetic_overrides
         run_vae_stage(cfg, run_dir=tmp_path / "run")
 
 
-class RecordBatches(Callback):
-    """Remembers the image ids of every training batch."""
-
-    def __init__(self) -> None:
-        self.seen: list[list[int]] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.seen.append(batch["image_id"].tolist())
-
-
-def test_resuming_mid_epoch_sees_exactly_the_remaining_batches(
+def test_a_run_resumed_mid_epoch_repeats_the_uninterrupted_one_exactly(
     synthetic_overrides, tmp_path, monkeypatch
 ) -> None:
     import ldm.training.vae_stage as stage
 
-    recorders: list[RecordBatches] = []
-    original = stage._callbacks
-
-    def with_recorder(cfg, run_dir, with_logger):
-        callbacks, best = original(cfg, run_dir, with_logger)
-        recorders.append(RecordBatches())
-        return [*callbacks, recorders[-1]], best
-
-    monkeypatch.setattr(stage, "_callbacks", with_recorder)
     common = [
         *synthetic_overrides,
         "trainer.max_epochs=1",
@@ -165,11 +145,23 @@ def test_resuming_mid_epoch_sees_exactly_the_remaining_batches(
         "trainer.limit_val_batches=1",
         "logger=none",
         "trainer.checkpoint_every_n_steps=3",
+        "optim.lr_warmup_steps=2",
+        "optim.lr_schedule=cosine",
     ]
-    run_vae_stage(tiny_cfg(common), run_dir=tmp_path / "whole")
-    run_vae_stage(tiny_cfg(common, "trainer.max_steps=3"), run_dir=tmp_path / "first")
-    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    run_vae_stage(tiny_cfg(common, f"ckpt_path={last}"), run_dir=tmp_path / "second")
-    whole, first, second = (r.seen for r in recorders)
-    assert len(whole) == 6 and len(first) == 3
-    assert first + second == whole
+    runs = run_whole_interrupted_and_resumed(
+        stage,
+        lambda cfg, run_dir: run_vae_stage(cfg, run_dir=run_dir),
+        lambda *extra: tiny_cfg(common, *extra),
+        tmp_path,
+        monkeypatch,
+        stop_after_steps=3,
+    )
+    assert len(runs.whole) == 6 and len(runs.first) == 3
+    assert runs.first + runs.resumed == runs.whole
+    whole = torch.load(runs.whole_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(runs.resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert whole["global_step"] == resumed["global_step"] == 6  # last.ckpt is the final state
+    for name, tensor in whole["state_dict"].items():  # bit for bit (NaN: not yet measured)
+        torch.testing.assert_close(
+            resumed["state_dict"][name], tensor, rtol=0, atol=0, equal_nan=True, msg=name
+        )

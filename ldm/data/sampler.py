@@ -90,7 +90,7 @@ class ResumableDataLoader(DataLoader):
             self._batches_served += 1
             yield batch
 
-    def position(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         """Where this loader stands: the epoch and how many batches it has handed out."""
         return {
             "epoch": self.sampler.epoch,
@@ -99,8 +99,8 @@ class ResumableDataLoader(DataLoader):
             "seed": self.sampler.seed,
         }
 
-    def restore_position(self, state: dict[str, int]) -> None:
-        """Continue from a :meth:`position`; the batch size and seed must match."""
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a :meth:`state_dict`; the batch size and seed must match."""
         if state["batch_size"] != self.batch_size or state["seed"] != self.sampler.seed:
             raise ValueError(
                 "Cannot resume the data order: the checkpoint was written with batch_size="
@@ -115,11 +115,11 @@ class ResumableDataLoader(DataLoader):
 class ResumableDataModule(L.LightningDataModule):
     """A data module whose checkpoint state is its train loader's position.
 
-    The position travels in the data module's state rather than as the loader's own
-    ``state_dict``: Lightning restores data modules before ``configure_optimizers``, but restores
-    loader states only if the train loader does not exist yet, and
-    ``trainer.estimated_stepping_batches`` (which sizes the LR schedule) builds it early, so a
-    loader-level state would be dropped without a word.
+    Lightning saves a stateful loader's ``state_dict`` itself, but restores it only into a loader
+    it has not built yet, and ``trainer.estimated_stepping_batches`` (which sizes the LR schedule)
+    builds the train loader before the checkpoint is read, so that copy would be dropped without
+    a word. Data modules are restored before that, so the position also travels here and is
+    applied when the loader is made (applying it twice is harmless).
     """
 
     def __init__(self) -> None:
@@ -134,13 +134,15 @@ class ResumableDataModule(L.LightningDataModule):
         sampler = ResumableSampler(len(dataset), seed=seed, shuffle=True)
         loader = ResumableDataLoader(dataset, sampler=sampler, drop_last=True, **loader_args)
         if self._position_to_restore is not None:
-            loader.restore_position(self._position_to_restore)
+            loader.load_state_dict(self._position_to_restore)
             self._position_to_restore = None
         self._train_loader = loader
         return loader
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self._train_loader is None else {"train_loader": self._train_loader.position()}
+        return (
+            {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._position_to_restore = state_dict.get("train_loader")

@@ -16,6 +16,7 @@ from ldm.models.vae import VAE, count_parameters
 from ldm.pipeline import LatentDiffusionPipeline, SamplingOptions
 from ldm.training.ema import EMA
 from ldm.training.optim import build_optimizer
+from ldm.training.step_noise import normal_like, step_generator
 
 
 def timestep_buckets(t: Tensor, num_timesteps: int, num_buckets: int) -> Tensor:
@@ -58,6 +59,7 @@ class LatentDiffusionModule(L.LightningModule):
         context_length: int,
         validation: dict[str, Any],
         provenance: dict[str, Any],
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not 0 <= cond_dropout < 1:
@@ -68,6 +70,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.schedule = NoiseSchedule(ScheduleConfig(**diffusion))
         self.cond_dropout = cond_dropout
         self.latent_scale = latent_scale
+        self.seed = seed
         self.validation = validation
         context_dim = self.unet.config.context_dim
         # Text hidden states of the empty prompt: what dropped captions are replaced by.
@@ -97,14 +100,16 @@ class LatentDiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.schedule = self.schedule.to(device=self.device)
 
-    def _latents(self, batch: dict[str, Any], sample: bool) -> Tensor:
+    def _latents(self, batch: dict[str, Any], generator: torch.Generator | None) -> Tensor:
+        """z = μ + σ·ε scaled to unit variance; the posterior mean when ``generator`` is None."""
         mean, std = batch["latent_mean"], batch["latent_std"]
-        z = mean + std * torch.randn_like(std) if sample else mean
+        z = mean if generator is None else mean + std * normal_like(std, generator)
         return z * self.latent_scale
 
-    def _drop_conditions(self, context: Tensor) -> Tensor:
+    def _drop_conditions(self, context: Tensor, generator: torch.Generator) -> Tensor:
         """Replace a ``cond_dropout`` fraction of captions by the empty prompt (for CFG)."""
-        drop = torch.rand(context.shape[0], device=context.device) < self.cond_dropout
+        draws = torch.rand(context.shape[0], generator=generator).to(context.device)
+        drop = draws < self.cond_dropout
         return torch.where(drop[:, None, None], self.empty_context.to(context.dtype), context)
 
     def _log_bucketed(self, stage: str, losses: Tensor, t: Tensor) -> None:
@@ -123,10 +128,13 @@ class LatentDiffusionModule(L.LightningModule):
                 )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        z = self._latents(batch, sample=True)
-        context = self._drop_conditions(batch["text_hidden_states"])
-        t = torch.randint(0, self.schedule.num_train_timesteps, (z.shape[0],), device=z.device)
-        losses = diffusion_loss(self.unet, self.schedule, z, context, t=t)  # (B,)
+        generator = step_generator(self.seed, self.current_epoch, batch_idx, self.global_rank)
+        z = self._latents(batch, generator)
+        context = self._drop_conditions(batch["text_hidden_states"], generator)
+        T = self.schedule.num_train_timesteps
+        t = torch.randint(0, T, (z.shape[0],), generator=generator).to(z.device)
+        noise = normal_like(z, generator)
+        losses = diffusion_loss(self.unet, self.schedule, z, context, t=t, noise=noise)  # (B,)
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
         self._log_bucketed("train", losses.detach(), t)
@@ -136,14 +144,19 @@ class LatentDiffusionModule(L.LightningModule):
         norms = grad_norm(self.unet, norm_type=2)
         self.log("train/grad_norm", norms["grad_2.0_norm_total"])
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Update the EMA right after each optimizer step: once per step under gradient
+        accumulation, and before ``on_train_batch_end``, where checkpoints are written."""
+        super().optimizer_step(*args, **kwargs)
         self.ema.update(self.unet)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/ema_decay", self.ema.decay)
 
     def validation_losses(self, batch: dict[str, Any], batch_idx: int) -> tuple[Tensor, Tensor]:
         """Per-sample loss at fixed timesteps (spread over [0, T)) with noise fixed by the batch
         index: the same number for the same weights, run after run."""
-        z = self._latents(batch, sample=False)
+        z = self._latents(batch, generator=None)
         batch_size, T = z.shape[0], self.schedule.num_train_timesteps
         generator = torch.Generator().manual_seed(1_000 + batch_idx)
         t = ((torch.arange(batch_size) + 0.5) * T / batch_size).long().to(z.device)

@@ -30,6 +30,8 @@ def build_logger(logger_cfg: dict[str, Any], run_dir: Path) -> Logger | None:
             tags=list(logger_cfg.get("tags") or []),
             save_dir=str(run_dir),
             offline=wandb_offline_requested(logger_cfg),
+            id=logger_cfg.get("id"),  # continue an earlier W&B run (e.g. when resuming)
+            resume="allow" if logger_cfg.get("id") else None,
         )
     raise ValueError(f"logger.kind must be one of {LOGGER_KINDS}, got {kind!r}")
 

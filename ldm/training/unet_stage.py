@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
@@ -15,6 +17,7 @@ from ldm.data.latent_datamodule import LatentDataModule
 from ldm.runs import point_latest_at, start_run
 from ldm.text import FrozenTextEncoder, TextEncoderConfig
 from ldm.training.callbacks import ImageLogger
+from ldm.training.checkpointing import checkpoint_callbacks
 from ldm.training.diffusion_module import LatentDiffusionModule
 from ldm.training.loggers import build_logger, close_logger
 from ldm.training.trainer import build_trainer
@@ -66,19 +69,13 @@ def check_inputs_fit(cfg: DictConfig, vae_metadata: dict[str, Any]) -> None:
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool) -> tuple[list, ModelCheckpoint]:
-    checkpoint_dir = run_dir / "checkpoints"
-    best = ModelCheckpoint(
-        dirpath=checkpoint_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1
-    )
-    periodic = ModelCheckpoint(  # refreshes last.ckpt every N steps and at every epoch end
-        dirpath=checkpoint_dir,
-        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-        save_top_k=0,
-        save_last=True,
+    checkpoints, best = checkpoint_callbacks(
+        run_dir / "checkpoints",
+        monitor="val/loss",
+        every_n_steps=cfg.trainer.checkpoint_every_n_steps,
     )
     callbacks: list = [
-        best,
-        periodic,
+        *checkpoints,
         ImageLogger(
             len(cfg.validation.prompts),
             run_dir / "images",
@@ -140,6 +137,9 @@ def run_unet_stage(cfg: DictConfig, run_dir: Path | None = None) -> UNetStageRes
     sample_context = text_encoder.encode_hidden_states(prompts, datamodule.text_num_positions)
     del text_encoder  # ~250 MB we no longer need: training reads the caption cache
 
+    # Building the caches may or may not have drawn random numbers: re-seed so that the initial
+    # weights depend on the seed alone.
+    torch.manual_seed(context.seed)
     module = LatentDiffusionModule(
         unet=_container(cfg.model.unet),
         diffusion=_container(cfg.diffusion),
@@ -150,6 +150,7 @@ def run_unet_stage(cfg: DictConfig, run_dir: Path | None = None) -> UNetStageRes
         latent_shape=latent_shape,
         context_length=datamodule.text_num_positions,
         validation=_container(cfg.validation),
+        seed=context.seed,
         provenance={
             "vae_export": str(vae_export.resolve()),
             "vae_weights_sha256": vae_metadata["weights_sha256"],
@@ -175,7 +176,10 @@ def run_unet_stage(cfg: DictConfig, run_dir: Path | None = None) -> UNetStageRes
         logger=logger,
         callbacks=callbacks,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    with warnings.catch_warnings():
+        # The EMA copy stays in eval mode on purpose; Lightning would warn about it.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     final = log_final_metrics(trainer, prefix="val/")
     export_dir = None
     if not trainer.fast_dev_run:

@@ -11,6 +11,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.models.vae import VAE, VAEConfig, count_parameters, vae_loss
 from ldm.training.optim import build_optimizer
+from ldm.training.step_noise import step_generator
 
 
 class VAEModule(L.LightningModule):
@@ -25,11 +26,13 @@ class VAEModule(L.LightningModule):
         model: dict[str, Any],
         optim: dict[str, Any],
         kl_weight: float,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.vae = VAE(VAEConfig.from_dict(model))
         self.kl_weight = kl_weight
+        self.seed = seed
         self.optim = optim
         latent_channels = self.vae.config.latent_channels
         self.register_buffer("latent_channel_mean", torch.full((latent_channels,), float("nan")))
@@ -83,11 +86,12 @@ class VAEModule(L.LightningModule):
         if batch is None:  # every image of the batch was unreadable: skip the step
             return None
         images = batch["image"]
-        reconstruction, posterior = self.vae(images)
+        generator = step_generator(self.seed, self.current_epoch, batch_idx, self.global_rank)
+        reconstruction, posterior = self.vae(images, generator=generator)
         losses = vae_loss(reconstruction, images, posterior, self.kl_weight)
         self._log_losses("train", losses, images.shape[0])
         if self.trainer.log_every_n_steps and batch_idx % self.trainer.log_every_n_steps == 0:
-            self._log_latent_channels("train", posterior.sample(), images.shape[0])
+            self._log_latent_channels("train", posterior.sample(generator), images.shape[0])
         return losses["total"]
 
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:

@@ -18,6 +18,7 @@ from ldm.latent_stats import measure_latent_statistics
 from ldm.progress import progress_bar
 from ldm.runs import point_latest_at, start_run
 from ldm.training.callbacks import ImageLogger
+from ldm.training.checkpointing import checkpoint_callbacks
 from ldm.training.loggers import build_logger, close_logger
 from ldm.training.trainer import build_trainer
 from ldm.training.vae_module import VAEModule
@@ -43,25 +44,19 @@ def _batch_size(batch: dict[str, Any] | None) -> int:
 
 def _callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool) -> tuple[list, ModelCheckpoint]:
     checkpoint_dir = run_dir / "checkpoints"
-    best = ModelCheckpoint(
-        dirpath=checkpoint_dir, filename="best", monitor="val/total", mode="min", save_top_k=1
+    checkpoints, best = checkpoint_callbacks(
+        checkpoint_dir, monitor="val/total", every_n_steps=cfg.trainer.checkpoint_every_n_steps
     )
-    periodic = ModelCheckpoint(  # refreshes last.ckpt every N steps and at every epoch end
-        dirpath=checkpoint_dir,
-        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-        save_top_k=0,
-        save_last=True,
-    )
-    per_epoch = ModelCheckpoint(
+    per_epoch = ModelCheckpoint(  # the VAE is small: keep every epoch's weights
         dirpath=checkpoint_dir,
         filename="epoch{epoch:03d}",
         auto_insert_metric_name=False,
         every_n_epochs=1,
         save_top_k=-1,
+        save_on_train_epoch_end=True,
     )
     callbacks = [
-        best,
-        periodic,
+        *checkpoints,
         per_epoch,
         ImageLogger(cfg.logging.num_images, run_dir / "images"),
     ]
@@ -160,7 +155,10 @@ def run_vae_stage(cfg: DictConfig, run_dir: Path | None = None) -> VAEStageResul
         cfg.data, context.device.loader, seed=context.seed, cache_dir=Path(cfg.paths.cache_dir)
     )
     module = VAEModule(
-        model=_container(cfg.model.vae), optim=_container(cfg.optim), kl_weight=cfg.loss.kl_weight
+        model=_container(cfg.model.vae),
+        optim=_container(cfg.optim),
+        kl_weight=cfg.loss.kl_weight,
+        seed=context.seed,
     )
     log.info("VAE parameters: %s", f"{module.num_parameters:,}")
     logger = build_logger(_container(cfg.logger), context.run_dir)
