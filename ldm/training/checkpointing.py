@@ -22,7 +22,7 @@ class SaveLastAtEpochEnd(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and not trainer.fast_dev_run:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # all state, to resume
 
 
 def checkpoint_callbacks(

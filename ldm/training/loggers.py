@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+log = logging.getLogger(__name__)
 
 LOGGER_KINDS = ("wandb", "csv", "none")
 
@@ -43,3 +47,15 @@ def close_logger(logger: Logger | None) -> None:
     logger.finalize("success")
     if isinstance(logger, WandbLogger):
         logger.experiment.finish()
+
+
+def log_final_metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
+    """Print the last validation numbers: the console shows them after the progress bar."""
+    final = {
+        name: float(value)
+        for name, value in sorted(trainer.callback_metrics.items())
+        if name.startswith(prefix) and value.numel() == 1
+    }
+    if final:
+        log.info("Final validation: %s", ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
+    return final

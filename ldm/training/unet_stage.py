@@ -19,9 +19,8 @@ from ldm.text import FrozenTextEncoder, TextEncoderConfig
 from ldm.training.callbacks import ImageLogger
 from ldm.training.checkpointing import checkpoint_callbacks
 from ldm.training.diffusion_module import LatentDiffusionModule
-from ldm.training.loggers import build_logger, close_logger
+from ldm.training.loggers import build_logger, close_logger, log_final_metrics
 from ldm.training.trainer import build_trainer
-from ldm.training.vae_stage import log_final_metrics
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +18,7 @@ from ldm.progress import progress_bar
 from ldm.runs import point_latest_at, start_run
 from ldm.training.callbacks import ImageLogger
 from ldm.training.checkpointing import checkpoint_callbacks
-from ldm.training.loggers import build_logger, close_logger
+from ldm.training.loggers import build_logger, close_logger, log_final_metrics
 from ldm.training.trainer import build_trainer
 from ldm.training.vae_module import VAEModule
 
@@ -68,18 +67,6 @@ def _callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool) -> tuple[list,
             )
         )
     return callbacks, best
-
-
-def log_final_metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
-    """Print the last validation numbers: the console shows them after the progress bar."""
-    final = {
-        name: float(value)
-        for name, value in sorted(trainer.callback_metrics.items())
-        if name.startswith(prefix) and value.numel() == 1
-    }
-    if final:
-        log.info("Final validation: %s", ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
-    return final
 
 
 def _load_weights(module: VAEModule, checkpoint: Path) -> None:
