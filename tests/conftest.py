@@ -12,7 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_DIR", "/tmp")
 
 import pytest
-from helpers import COCO_SAMPLE, SMALL_SYNTHETIC
+from helpers import COCO_SAMPLE, SMALL_SYNTHETIC, synthetic_run_overrides
 
 from ldm.data.synthetic import generate_synthetic_dataset
 
@@ -36,14 +36,4 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def synthetic_overrides(synthetic_root: Path, tmp_path: Path) -> list[str]:
     """Hydra overrides that point a run at the small synthetic set and a temporary root."""
-    return [
-        "data=synthetic",
-        f"data.root={synthetic_root}",
-        f"data.synthetic.num_train={SMALL_SYNTHETIC.num_train}",
-        f"data.synthetic.num_val={SMALL_SYNTHETIC.num_val}",
-        f"data.synthetic.num_heldout={SMALL_SYNTHETIC.num_heldout}",
-        f"data.synthetic.seed={SMALL_SYNTHETIC.seed}",
-        f"paths.root_dir={tmp_path}",
-        "trainer=cpu",
-        "trainer.num_workers=0",
-    ]
+    return synthetic_run_overrides(synthetic_root, tmp_path)

@@ -20,6 +20,21 @@ COCO_SAMPLE = REPO_ROOT.parent / "shared" / "fixtures" / "coco-sample"
 SMALL_SYNTHETIC = SyntheticConfig(num_train=48, num_val=16, num_heldout=12, seed=3)
 
 
+def synthetic_run_overrides(synthetic_root: Path, root_dir: Path) -> list[str]:
+    """Hydra overrides for a CPU run on the small synthetic set, writing under ``root_dir``."""
+    return [
+        "data=synthetic",
+        f"data.root={synthetic_root}",
+        f"data.synthetic.num_train={SMALL_SYNTHETIC.num_train}",
+        f"data.synthetic.num_val={SMALL_SYNTHETIC.num_val}",
+        f"data.synthetic.num_heldout={SMALL_SYNTHETIC.num_heldout}",
+        f"data.synthetic.seed={SMALL_SYNTHETIC.seed}",
+        f"paths.root_dir={root_dir}",
+        "trainer=cpu",
+        "trainer.num_workers=0",
+    ]
+
+
 def compose_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose a real entry-script config the way ``@hydra.main`` would (struct mode on)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

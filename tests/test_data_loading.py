@@ -149,6 +149,17 @@ def test_datamodule_loaders_yield_batches_from_the_real_fixture(
     assert val_batch["image"].shape[1:] == (3, 64, 64)
 
 
+def test_a_batch_larger_than_the_training_set_is_refused_with_the_fix(
+    coco_sample: Path, tmp_path
+) -> None:
+    module = CaptionedImageDataModule(
+        fixture_config(coco_sample, batch_size=64), LoaderSettings(), seed=0, cache_dir=tmp_path
+    )
+    module.setup("fit")
+    with pytest.raises(ValueError, match=r"Only 46 training images for data.batch_size=64"):
+        module.train_dataloader()
+
+
 def test_datamodule_uses_worker_processes_when_configured(synthetic_root: Path, tmp_path) -> None:
     config = DataConfig.from_dict(
         {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_config, run_whole_interrupted_and_resumed
+from helpers import compose_config, run_whole_interrupted_and_resumed, synthetic_run_overrides
 
 from ldm.checkpoints import load_unet_export, read_unet_metadata, save_vae_export
 from ldm.models.vae import VAE, VAEConfig
@@ -64,17 +64,7 @@ def tiny_cfg(synthetic_overrides: list[str], vae_export: Path, *extra: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, synthetic_root, vae_export):
     root = tmp_path_factory.mktemp("unet")
-    overrides = [
-        "data=synthetic",
-        f"data.root={synthetic_root}",
-        "data.synthetic.num_train=48",
-        "data.synthetic.num_val=16",
-        "data.synthetic.num_heldout=12",
-        "data.synthetic.seed=3",
-        f"paths.root_dir={root}",
-        "trainer=cpu",
-        "trainer.num_workers=0",
-    ]
+    overrides = synthetic_run_overrides(synthetic_root, root)
     cfg = tiny_cfg(overrides, vae_export, "trainer.max_epochs=2")
     return run_unet_stage(cfg, run_dir=root / "runs" / "unet" / "run1"), cfg
 

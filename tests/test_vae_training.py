@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import compose_config, run_whole_interrupted_and_resumed
+from helpers import compose_config, run_whole_interrupted_and_resumed, synthetic_run_overrides
 
 from ldm.checkpoints import load_vae_export
 from ldm.training.vae_module import VAEModule
@@ -37,17 +37,7 @@ def test_fast_dev_run_composes_and_runs_the_demo_config(synthetic_overrides, tmp
 def trained(tmp_path_factory, synthetic_root):
     """One short real training run, shared by the tests that inspect its outputs."""
     root = tmp_path_factory.mktemp("trained")
-    overrides = [
-        "data=synthetic",
-        f"data.root={synthetic_root}",
-        "data.synthetic.num_train=48",
-        "data.synthetic.num_val=16",
-        "data.synthetic.num_heldout=12",
-        "data.synthetic.seed=3",
-        f"paths.root_dir={root}",
-        "trainer=cpu",
-        "trainer.num_workers=0",
-    ]
+    overrides = synthetic_run_overrides(synthetic_root, root)
     cfg = tiny_cfg(
         overrides,
         "trainer.max_epochs=2",

@@ -28,6 +28,15 @@ class LoaderSettings:
     pin_memory: bool = False
     persistent_workers: bool = False
 
+    def dataloader_args(self, batch_size: int) -> dict[str, Any]:
+        """The DataLoader keyword arguments these settings stand for."""
+        return {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers and self.num_workers > 0,
+        }
+
 
 def hold_out(
     records: list[CaptionedImage], fraction: float, seed: int
@@ -101,12 +110,8 @@ class CaptionedImageDataModule(ResumableDataModule):
         log.info("Data: %d training and %d validation images", len(train), len(val))
 
     def _common_loader_args(self) -> dict:
-        workers = self.loader.num_workers
         return {
-            "batch_size": self.config.batch_size,
-            "num_workers": workers,
-            "pin_memory": self.loader.pin_memory,
-            "persistent_workers": self.loader.persistent_workers and workers > 0,
+            **self.loader.dataloader_args(self.config.batch_size),
             "collate_fn": collate_skipping_unreadable,
         }
 
@@ -114,11 +119,6 @@ class CaptionedImageDataModule(ResumableDataModule):
         dataset = CaptionedImageDataset(
             self.train_records, self.config.image_size, train=True, hflip=self.config.hflip
         )
-        if len(dataset) < self.config.batch_size:
-            raise ValueError(
-                f"Only {len(dataset)} training images for data.batch_size="
-                f"{self.config.batch_size}; lower the batch size."
-            )
         return self.resumable_train_loader(dataset, seed=self.seed, **self._common_loader_args())
 
     def measurement_dataloader(self) -> DataLoader:

@@ -286,21 +286,10 @@ class LatentDataModule(ResumableDataModule):
         return CachedLatentDataset(self.latents[split], captions, train=split == "train")
 
     def _common_loader_args(self) -> dict[str, Any]:
-        workers = self.loader.num_workers
-        return {
-            "batch_size": self.config.batch_size,
-            "num_workers": workers,
-            "pin_memory": self.loader.pin_memory,
-            "persistent_workers": self.loader.persistent_workers and workers > 0,
-        }
+        return self.loader.dataloader_args(self.config.batch_size)
 
     def train_dataloader(self) -> ResumableDataLoader:
         dataset = self._dataset("train")
-        if len(dataset) < self.config.batch_size:
-            raise ValueError(
-                f"Only {len(dataset)} training images for data.batch_size="
-                f"{self.config.batch_size}; lower the batch size."
-            )
         return self.resumable_train_loader(dataset, seed=self.seed, **self._common_loader_args())
 
     def val_dataloader(self) -> DataLoader:

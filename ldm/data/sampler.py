@@ -131,6 +131,12 @@ class ResumableDataModule(L.LightningDataModule):
         self, dataset: Dataset, *, seed: int, **loader_args: Any
     ) -> ResumableDataLoader:
         """A shuffled, resumable train loader; it continues from a restored checkpoint, if any."""
+        batch_size = loader_args["batch_size"]
+        if len(dataset) < batch_size:  # drop_last would leave an epoch without a single batch
+            raise ValueError(
+                f"Only {len(dataset)} training images for data.batch_size={batch_size}; "
+                "lower the batch size."
+            )
         sampler = ResumableSampler(len(dataset), seed=seed, shuffle=True)
         loader = ResumableDataLoader(dataset, sampler=sampler, drop_last=True, **loader_args)
         if self._position_to_restore is not None:
