@@ -4,6 +4,7 @@ python sample.py prompt="a red sports car" [n=4 sampler=ddim steps=50 cfg_scale=
 python sample.py experiment=demo prompt="a small red circle on a blue background"
 python sample.py ckpt=runs/unet/<run>/checkpoints/best.ckpt weights=raw prompts_file=prompts.txt
 python sample.py init_image=photo.jpg strength=0.6 prompt="a giraffe next to a tree"
+python sample.py prompt="a cat" n=64 batch_size=64 compile=reduce-overhead  # CUDA graphs
 
 Writes one PNG per image (its text chunks record prompt, seed, settings and the U-Net's
 fingerprint) and a labelled grid per prompt into out_dir (default runs/samples/<date_time>).

@@ -13,6 +13,7 @@ from ldm.data.datamodule import LoaderSettings
 log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -26,6 +27,20 @@ class DeviceSettings:
     device: str  # cuda | mps | cpu
     precision: str
     loader: LoaderSettings
+    compile_mode: str = "none"
+    fused_optimizer: bool = False
+    tf32: bool = False
+    cudnn_benchmark: bool = False
+    channels_last: bool = False
+
+    def apply_backend_flags(self) -> None:
+        """Process-wide math settings of the profile: TF32 matmuls/convolutions (fp32 inputs
+        on Ampere and newer) and cuDNN's autotuner (worth it with the fixed training shapes)."""
+        if self.device != "cuda":
+            return
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        torch.backends.cudnn.allow_tf32 = self.tf32
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
 
     @property
     def torch_device(self) -> torch.device:
@@ -81,4 +96,19 @@ def resolve_device(trainer_cfg: dict[str, Any]) -> DeviceSettings:
         pin_memory=profile["pin_memory"],
         persistent_workers=profile["persistent_workers"],
     )
-    return DeviceSettings(device=device, precision=precision, loader=loader)
+    compile_mode = trainer_cfg.get("compile") or profile.get("compile", "none")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(
+            f"trainer.compile must be one of {COMPILE_MODES}, got {compile_mode!r}: none runs "
+            "eagerly (the reference); reduce-overhead adds CUDA graphs to the compiled step."
+        )
+    return DeviceSettings(
+        device=device,
+        precision=precision,
+        loader=loader,
+        compile_mode=compile_mode,
+        fused_optimizer=bool(profile.get("fused_optimizer", False)),
+        tf32=bool(profile.get("tf32", False)),
+        cudnn_benchmark=bool(profile.get("cudnn_benchmark", False)),
+        channels_last=bool(profile.get("channels_last", False)),
+    )

@@ -44,12 +44,14 @@ def start_run(cfg: DictConfig, run_dir: Path | None = None) -> RunContext:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     device = resolve_device(OmegaConf.to_container(cfg.trainer, resolve=True))
+    device.apply_backend_flags()
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info(
-        "Run directory: %s | device: %s | precision: %s | seed: %d",
+        "Run directory: %s | device: %s | precision: %s | compile: %s | seed: %d",
         run_dir,
         device.device,
         device.precision,
+        device.compile_mode,
         cfg.seed,
     )
     return RunContext(run_dir=run_dir, device=device, seed=int(cfg.seed))

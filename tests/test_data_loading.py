@@ -16,6 +16,7 @@ from ldm.data import (
     build_caption_index,
     normalise_caption,
 )
+from ldm.data.batch_randomness import StepRandomness
 from ldm.data.sampler import ResumableDataLoader, ResumableSampler
 
 
@@ -142,11 +143,14 @@ def test_datamodule_loaders_yield_batches_from_the_real_fixture(
         fixture_config(coco_sample, image_size=64), LoaderSettings(), seed=0, cache_dir=tmp_path
     )
     module.setup("fit")
+    module.train_randomness = StepRandomness(posterior_noise_shape=(4, 8, 8))
     batch = next(iter(module.train_dataloader()))
     assert batch["image"].shape == (4, 3, 64, 64)
-    assert len(batch["caption"]) == 4 and batch["image_id"].shape == (4,)
+    assert batch["image_id"].shape == (4,) and "caption" not in batch  # the VAE reads no text
+    assert batch["posterior_noise"].shape == (4, 4, 8, 8)
     val_batch = next(iter(module.val_dataloader()))
     assert val_batch["image"].shape[1:] == (3, 64, 64)
+    assert len(val_batch["caption"]) == val_batch["image"].shape[0]
 
 
 def test_a_batch_larger_than_the_training_set_is_refused_with_the_fix(

@@ -14,6 +14,7 @@ from helpers import CONF_DIR, SMALL_SYNTHETIC
 from omegaconf import OmegaConf
 
 from ldm.checkpoints import load_vae_export, save_vae_export
+from ldm.data.batch_randomness import StepRandomness
 from ldm.data.config import DataConfig
 from ldm.data.datamodule import LoaderSettings
 from ldm.data.dataset import CaptionedImageDataset
@@ -313,11 +314,35 @@ def test_train_loader_yields_the_documented_batch(prepared: LatentDataModule) ->
     assert batch["latent_mean"].shape == (BATCH_SIZE, 4, 16, 16)
     assert batch["latent_std"].shape == (BATCH_SIZE, 4, 16, 16)
     assert batch["text_hidden_states"].shape == (BATCH_SIZE, positions, width)
+    # float16 until the training step: half the bytes through the loader and the copy
     assert {batch[k].dtype for k in ("latent_mean", "latent_std", "text_hidden_states")} == {
-        torch.float32
+        torch.float16
     }
-    assert len(batch["caption"]) == BATCH_SIZE and isinstance(batch["caption"][0], str)
-    assert batch["image_id"].shape == (BATCH_SIZE,)
+    for key in ("index", "variant", "caption_row", "image_id"):
+        assert batch[key].shape == (BATCH_SIZE,) and batch[key].dtype == torch.int64
+    assert "caption" not in batch  # strings only where grids need them (validation)
+
+
+def test_training_batches_carry_the_step_randomness_the_module_asks_for(
+    prepared: LatentDataModule,
+) -> None:
+    prepared.train_randomness = StepRandomness(
+        posterior_noise_shape=(4, 16, 16),
+        num_timesteps=200,
+        diffusion_noise_shape=(4, 16, 16),
+        cond_dropout=0.5,
+    )
+    try:
+        first, second = list(prepared.train_dataloader())[:2]
+        again = next(iter(prepared.train_dataloader()))
+    finally:
+        prepared.train_randomness = StepRandomness()
+    assert (
+        first["posterior_noise"].shape == first["diffusion_noise"].shape == (BATCH_SIZE, 4, 16, 16)
+    )
+    assert first["timesteps"].dtype == torch.int64 and first["drop_condition"].dtype == torch.bool
+    assert torch.equal(first["diffusion_noise"], again["diffusion_noise"])  # keyed, not global
+    assert not torch.equal(first["diffusion_noise"], second["diffusion_noise"])
 
 
 def test_train_items_pick_the_caption_and_flip_the_image_dataset_would_pick(
@@ -325,23 +350,27 @@ def test_train_items_pick_the_caption_and_flip_the_image_dataset_would_pick(
 ) -> None:
     dataset = prepared.train_dataloader().dataset
     images = CaptionedImageDataset(prepared.images.train_records, IMAGE_SIZE_PX, train=True)
+    unflipped = CaptionedImageDataset(prepared.images.train_records, IMAGE_SIZE_PX, train=False)
     latents = prepared.latents["train"]
     flips_seen = set()
     for seed in range(8):
-        item = dataset[(2, seed)]
-        assert item["caption"] == images[(2, seed)]["caption"]
-        flipped = bool(np.array_equal(item["latent_mean"].numpy(), latents.mean[2, 1]))
-        flips_seen.add(flipped)
-        caption_index = latents.captions[2].index(item["caption"])
+        item, image = dataset[(2, seed)], images[(2, seed)]
+        image_flipped = not torch.equal(image["image"], unflipped[2]["image"])
+        assert bool(item["variant"]) == image_flipped
+        flips_seen.add(image_flipped)
+        caption_index = latents.captions[2].index(image["caption"])
         expected = prepared.captions.split("train").hidden_states_for(2, caption_index)
         np.testing.assert_array_equal(item["text_hidden_states"].numpy(), expected)
+        np.testing.assert_array_equal(
+            item["latent_mean"].numpy(), latents.mean[2, int(image_flipped)]
+        )
     assert flips_seen == {True, False}
 
 
 def test_the_same_item_seed_gives_the_same_item(prepared: LatentDataModule) -> None:
     dataset = prepared.train_dataloader().dataset
     first, second = dataset[(4, 1234)], dataset[(4, 1234)]
-    assert first["caption"] == second["caption"]
+    assert first["caption_row"] == second["caption_row"]
     assert torch.equal(first["latent_mean"], second["latent_mean"])
 
 
@@ -355,7 +384,8 @@ def test_a_restored_data_module_continues_with_the_same_batches(
 
     prepared.load_state_dict(state)
     found = next(iter(prepared.train_dataloader()))
-    assert found["caption"] == expected["caption"]
+    assert torch.equal(found["index"], expected["index"])
+    assert torch.equal(found["caption_row"], expected["caption_row"])
     assert torch.equal(found["latent_mean"], expected["latent_mean"])
 
 
@@ -367,8 +397,27 @@ def test_datasets_pickle_as_folder_references_not_array_copies(
     payload = pickle.dumps(dataset)
     assert len(payload) < 4096 < prepared.latents["train"].mean.nbytes
     restored = pickle.loads(payload)
-    assert restored[(3, 99)]["caption"] == dataset[(3, 99)]["caption"]
+    assert restored[(3, 99)]["caption_row"] == dataset[(3, 99)]["caption_row"]
     assert isinstance(restored.latents.mean, np.memmap)
+
+
+def test_batches_gathered_on_the_device_equal_those_gathered_on_the_host(
+    prepared: LatentDataModule,
+) -> None:
+    """The cache.device=cuda path, run with the CPU standing in for the GPU: the loader sends
+    only indices and on_after_batch_transfer gathers from resident copies, bit for bit as the
+    host gather does."""
+    host_batch = next(iter(prepared.train_dataloader()))
+    prepared.__dict__["resident_device"] = torch.device("cpu")
+    try:
+        index_batch = next(iter(prepared.train_dataloader()))
+        assert "latent_mean" not in index_batch
+        gathered = prepared.on_after_batch_transfer(index_batch, 0)
+    finally:
+        del prepared.__dict__["resident_device"]
+        prepared._resident.clear()
+    for key in ("latent_mean", "latent_std", "text_hidden_states"):
+        assert torch.equal(gathered[key], host_batch[key]), key
 
 
 def test_val_loader_gives_first_captions_unflipped_in_order(prepared: LatentDataModule) -> None:

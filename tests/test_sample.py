@@ -113,7 +113,7 @@ def make_exports(root: Path) -> Exports:
         root / "unet" / "run" / "export", raw=raw, ema=ema, description={**recorded, **provenance}
     )
     state_dict = {f"unet.{k}": v for k, v in raw.state_dict().items()}
-    state_dict |= {f"ema.averaged.module.{k}": v for k, v in ema.state_dict().items()}
+    state_dict |= {f"ema.module.{k}": v for k, v in ema.state_dict().items()}
     ckpt = root / "unet" / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     hparams = {"unet": TINY_UNET.to_dict(), **recorded, "provenance": provenance}
@@ -369,6 +369,36 @@ def test_cfg_scale_one_makes_one_conditional_model_call_per_step(
     assert calls == [batch_per_call] * 5  # guidance batches both branches into the one call
 
 
+def test_compile_option_compiles_the_unet_and_pads_the_last_batch_to_full_size(
+    exports, tmp_path, monkeypatch
+) -> None:
+    """torch.compile itself is replaced (compiling even this U-Net takes a minute on the CPU;
+    tests/test_sampling_speed_paths.py compares a really compiled model with the eager one)."""
+    compiled_with: list[dict] = []
+    calls: list[int] = []
+    forward = UNet.forward
+
+    def counted(self, x, t, context):
+        calls.append(x.shape[0])
+        return forward(self, x, t, context)
+
+    def recording_compile(model, **options):
+        compiled_with.append(options)
+        return model
+
+    eager = run_sampling(sample_cfg(exports.unet, tmp_path / "eager", "n=3", "batch_size=2"))
+    monkeypatch.setattr(UNet, "forward", counted)
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    overrides = ("n=3", "batch_size=2", "compile=reduce-overhead")
+    compiled = run_sampling(sample_cfg(exports.unet, tmp_path / "compiled", *overrides))
+
+    assert compiled_with == [{"mode": "reduce-overhead", "dynamic": False, "fullgraph": False}]
+    assert calls == [4] * 8  # 2 batches × 4 steps, guided: the last image padded to a pair
+    assert len(compiled.image_paths) == 3
+    for a, b in zip(eager.image_paths, compiled.image_paths, strict=True):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1  # batch size may round differently
+
+
 def test_demo_experiment_samples_with_the_demo_defaults(exports, tmp_path) -> None:
     cfg = compose_config("sample", ["experiment=demo"])
     assert (cfg.sampler, cfg.steps, cfg.cfg_scale) == ("ddim", 25, 3.0)
@@ -513,6 +543,11 @@ def test_more_steps_than_training_timesteps_is_refused(exports, tmp_path) -> Non
         (["eta=0.5", "sampler=ddpm"], "only applies to sampler='ddim'"),
         (["weights=best"], "weights='best'"),
         (["logger=csv"], "cannot record images"),
+        (
+            ["compile=bogus"],
+            "compile='bogus' is not supported; choose one of none, default, reduce-overhead, "
+            "max-autotune",
+        ),
     ],
 )
 def test_other_bad_options_are_explained(exports, tmp_path, overrides, expected) -> None:

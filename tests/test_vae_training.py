@@ -17,7 +17,6 @@ TINY = [
     "model.vae.block_channels=[16,32]",
     "model.vae.norm_groups=8",
     "logging.num_images=3",
-    "logging.throughput_window_batches=3",
     "latent_stats.max_batches=2",
 ]
 
@@ -99,7 +98,8 @@ def test_wandb_offline_run_records_scalars_and_the_image_grid(trained) -> None:
         b"train/latent_std_c0",
         b"val/latent_mean_c3",
         b"lr-AdamW",
-        b"train/device/samples_per_sec",
+        b"perf/samples_per_second",
+        b"perf/first_step_seconds",
         b"latent/scale_factor",
         b"val/images",
     ):

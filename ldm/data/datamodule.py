@@ -11,9 +11,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from ldm.data.batch_randomness import NO_RANDOMNESS, StepRandomness
 from ldm.data.coco_index import CaptionedImage, build_caption_index
 from ldm.data.config import DataConfig
-from ldm.data.dataset import CaptionedImageDataset, collate_skipping_unreadable
+from ldm.data.dataset import CaptionedImageDataset, batch_as_is
 from ldm.data.sampler import ResumableDataLoader, ResumableDataModule
 from ldm.data.synthetic import generate_synthetic_dataset
 
@@ -67,6 +68,8 @@ class CaptionedImageDataModule(ResumableDataModule):
         self.cache_dir = Path(cache_dir)
         self.train_records: list[CaptionedImage] = []
         self.val_records: list[CaptionedImage] = []
+        # What each training step draws with its batch; the training module states it.
+        self.train_randomness: StepRandomness = NO_RANDOMNESS
 
     @classmethod
     def from_config(
@@ -112,12 +115,16 @@ class CaptionedImageDataModule(ResumableDataModule):
     def _common_loader_args(self) -> dict:
         return {
             **self.loader.dataloader_args(self.config.batch_size),
-            "collate_fn": collate_skipping_unreadable,
+            "collate_fn": batch_as_is,  # the datasets batch in __getitems__
         }
 
     def train_dataloader(self) -> ResumableDataLoader:
         dataset = CaptionedImageDataset(
-            self.train_records, self.config.image_size, train=True, hflip=self.config.hflip
+            self.train_records,
+            self.config.image_size,
+            train=True,
+            hflip=self.config.hflip,
+            randomness=self.train_randomness,
         )
         return self.resumable_train_loader(dataset, seed=self.seed, **self._common_loader_args())
 

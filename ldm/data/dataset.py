@@ -1,29 +1,37 @@
-"""A map-style dataset of captioned images whose random choices are seeded per item."""
+"""A map-style dataset of captioned images whose random choices are drawn per batch."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from ldm.data.batch_randomness import (
+    NO_RANDOMNESS,
+    ItemKey,
+    StepRandomness,
+    batch_generator,
+    draw_item_choices,
+    split_keys,
+)
 from ldm.data.coco_index import CaptionedImage
 from ldm.data.images import ImageReadError, read_rgb_image
 from ldm.data.transforms import image_to_model_tensor
 
 log = logging.getLogger(__name__)
 
-# A sampler may hand the dataset either a plain index or (index, augmentation seed).
-ItemKey = int | tuple[int, int]
-
 
 class CaptionedImageDataset(Dataset):
-    """Yields ``{"image": (3,S,S) in [-1,1], "caption": str, "image_id": int}``.
+    """Items ``{"image": (3,S,S) in [-1,1], "caption": str, "image_id": int}``; batches (what
+    ``__getitems__`` gives the loader) add the step's random tensors (``randomness``).
 
     Training picks a random caption and a random horizontal flip; evaluation takes the first
-    caption and never flips. When the key carries a seed, those choices depend only on it, so a
-    resumed run (or a different number of workers) reproduces them exactly.
+    caption and never flips. Those choices come from a generator keyed by the batch's item
+    seeds, so a resumed run (or a different number of workers) reproduces them exactly.
+    Training batches leave the captions out: the VAE never reads them.
     """
 
     def __init__(
@@ -33,6 +41,7 @@ class CaptionedImageDataset(Dataset):
         *,
         train: bool,
         hflip: bool = True,
+        randomness: StepRandomness = NO_RANDOMNESS,
     ) -> None:
         if image_size_px < 8:
             raise ValueError(f"data.image_size must be at least 8 pixels, got {image_size_px}")
@@ -40,22 +49,13 @@ class CaptionedImageDataset(Dataset):
         self.image_size_px = image_size_px
         self.train = train
         self.hflip = hflip and train
+        self.randomness = randomness
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _random_choices(self, seed: int | None, num_captions: int) -> tuple[int, bool]:
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        caption_index = int(torch.randint(num_captions, (1,), generator=generator))
-        flip = bool(torch.rand(1, generator=generator) < 0.5) if self.hflip else False
-        return caption_index, flip
-
-    def __getitem__(self, key: ItemKey) -> dict[str, Any] | None:
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def _item(self, index: int, caption_index: int, flip: bool) -> dict[str, Any] | None:
         record = self.records[index]
-        caption_index, flip = (
-            self._random_choices(seed, len(record.captions)) if self.train else (0, False)
-        )
         try:
             image = read_rgb_image(record.path, min_size_px=self.image_size_px)
         except ImageReadError as error:
@@ -68,8 +68,36 @@ class CaptionedImageDataset(Dataset):
             "image_id": record.image_id,
         }
 
+    def _choices(self, keys: Sequence[ItemKey], generator: torch.Generator):
+        indices = split_keys(keys)
+        num_captions = torch.tensor([len(self.records[i].captions) for i in indices.tolist()])
+        choices = draw_item_choices(generator, num_captions, can_flip=self.hflip, train=self.train)
+        return indices.tolist(), choices.caption_index.tolist(), choices.flip.tolist()
+
+    def __getitem__(self, key: ItemKey) -> dict[str, Any] | None:
+        (index,), (caption_index,), (flip,) = self._choices([key], batch_generator([key]))
+        return self._item(index, caption_index, flip)
+
+    def __getitems__(self, keys: Sequence[ItemKey]) -> dict[str, Any] | None:
+        """One batch: the readable images collated, plus the step's random tensors."""
+        generator = batch_generator(keys)
+        items = [
+            self._item(*choice) for choice in zip(*self._choices(keys, generator), strict=True)
+        ]
+        batch = collate_skipping_unreadable(items)
+        if batch is None:
+            return None
+        if self.train:
+            del batch["caption"]
+        return batch | self.randomness.draw(batch["image"].shape[0], generator)
+
 
 def collate_skipping_unreadable(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     """Batch the readable items; a batch with none left becomes None (the step is skipped)."""
     readable = [item for item in items if item is not None]
     return default_collate(readable) if readable else None
+
+
+def batch_as_is(batch: Any) -> Any:
+    """The loader's collate function for datasets whose ``__getitems__`` already batches."""
+    return batch

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.coco_index import CaptionedImage
-from ldm.data.dataset import CaptionedImageDataset, collate_skipping_unreadable
+from ldm.data.dataset import CaptionedImageDataset, batch_as_is
 from ldm.data.latent_store import building_cache, open_array, read_metadata
 from ldm.models.vae import VAE
 from ldm.progress import progress_bar
@@ -123,7 +123,7 @@ def build_image_latent_cache(
         CaptionedImageDataset(records, image_size_px, train=False),
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=collate_skipping_unreadable,
+        collate_fn=batch_as_is,  # the dataset batches in __getitems__
     )
     vae = vae.to(device).eval()
     started = time.perf_counter()

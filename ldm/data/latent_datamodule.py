@@ -24,16 +24,18 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from ldm.checkpoints import METADATA_FILENAME, file_fingerprint, load_vae_export
+from ldm.data.batch_randomness import NO_RANDOMNESS, StepRandomness
 from ldm.data.coco_index import DOWNLOAD_HINT, CaptionedImage
 from ldm.data.config import DataConfig
 from ldm.data.datamodule import CaptionedImageDataModule, LoaderSettings
+from ldm.data.dataset import batch_as_is
 from ldm.data.latent_cache import (
     IMAGE_LATENTS_KIND,
     ImageLatentCache,
     build_image_latent_cache,
     image_latent_key,
 )
-from ldm.data.latent_dataset import CachedLatentDataset
+from ldm.data.latent_dataset import CachedLatentDataset, ResidentLatents, to_device
 from ldm.data.latent_store import CacheConfig, cache_is_current
 from ldm.data.latent_text_cache import (
     CAPTION_STATES_KIND,
@@ -49,9 +51,15 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 
 
+# cache.device=auto keeps the caches on the GPU when they take at most this share of its free
+# memory: the rest is left to activations, the optimizer and the allocator's slack.
+RESIDENT_SHARE_OF_FREE_MEMORY = 0.5
+
+
 class LatentDataModule(ResumableDataModule):
-    """Batches ``{"latent_mean", "latent_std": (B,C,h,w) float32, "text_hidden_states":
-    (B,L,W) float32, "caption": list[str], "image_id": (B,)}`` from the caches.
+    """Batches ``{"latent_mean", "latent_std": (B,C,h,w), "text_hidden_states": (B,L,W)}``
+    (float16) with their ``index``/``image_id`` and the step's random tensors, from the caches
+    (see :class:`~ldm.data.latent_dataset.CachedLatentDataset`).
 
     Also exposes what the U-Net module needs around them: :attr:`scale_factor`,
     :attr:`text_num_positions` and :meth:`empty_prompt_hidden_states`.
@@ -80,6 +88,10 @@ class LatentDataModule(ResumableDataModule):
         self.images = CaptionedImageDataModule(data, loader, seed=seed, cache_dir=cache_dir)
         self.latents: dict[str, ImageLatentCache] = {}
         self.captions: CaptionHiddenStateCache | None = None
+        # What each training step draws with its batch; the training module states it.
+        self.train_randomness: StepRandomness = NO_RANDOMNESS
+        self.val_randomness: StepRandomness = NO_RANDOMNESS
+        self._resident: dict[str, ResidentLatents] = {}
 
     @classmethod
     def from_config(
@@ -283,10 +295,18 @@ class LatentDataModule(ResumableDataModule):
 
     def _dataset(self, split: str) -> CachedLatentDataset:
         captions = self._opened_captions().split(split)
-        return CachedLatentDataset(self.latents[split], captions, train=split == "train")
+        train = split == "train"
+        return CachedLatentDataset(
+            self.latents[split],
+            captions,
+            train=train,
+            randomness=self.train_randomness if train else self.val_randomness,
+            gather_on_host=self.resident_device is None,
+        )
 
     def _common_loader_args(self) -> dict[str, Any]:
-        return self.loader.dataloader_args(self.config.batch_size)
+        # The datasets batch in __getitems__ (one gather per array), so collation is a no-op.
+        return {**self.loader.dataloader_args(self.config.batch_size), "collate_fn": batch_as_is}
 
     def train_dataloader(self) -> ResumableDataLoader:
         dataset = self._dataset("train")
@@ -296,6 +316,48 @@ class LatentDataModule(ResumableDataModule):
         return DataLoader(
             self._dataset("val"), shuffle=False, drop_last=False, **self._common_loader_args()
         )
+
+    # ---- caches resident on the GPU -----------------------------------------------------
+
+    @cached_property
+    def resident_device(self) -> torch.device | None:
+        """Where batches are gathered when not on the host: the training GPU, or None."""
+        choice = self.cache.device
+        if choice == "cpu" or (choice == "auto" and self.encode_device.type != "cuda"):
+            return None
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "cache.device=cuda keeps the caches in GPU memory, but no CUDA GPU is visible. "
+                "Use cache.device=auto or cache.device=cpu."
+            )
+        device = self.encode_device if self.encode_device.type == "cuda" else torch.device("cuda")
+        needed = self._opened_captions().hidden_states.nbytes + sum(
+            self.latents[split].mean.nbytes + self.latents[split].std.nbytes for split in SPLITS
+        )
+        free, _ = torch.cuda.mem_get_info(device)
+        if choice == "auto" and needed > RESIDENT_SHARE_OF_FREE_MEMORY * free:
+            log.info(
+                "The caches (%.1f GiB) exceed half the GPU's free memory: gathering batches on "
+                "the host instead (cache.device=cuda forces the GPU).",
+                needed / 2**30,
+            )
+            return None
+        log.info("Keeping the caches (%.2f GiB) in %s memory", needed / 2**30, device)
+        return device
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Gather latents and text states on the GPU when the caches live there."""
+        if "split" not in batch:
+            return batch
+        split = batch.pop("split")
+        if split not in self._resident:
+            text = (
+                next(iter(self._resident.values())).hidden_states
+                if self._resident
+                else to_device(self._opened_captions().hidden_states, self.resident_device)
+            )
+            self._resident[split] = ResidentLatents.upload(self.latents[split], text)
+        return batch | self._resident[split].gather(batch)
 
 
 def _plain(node: Any) -> dict[str, Any]:

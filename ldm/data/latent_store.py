@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 METADATA_FILENAME = "cache.json"
 CACHE_POLICIES = ("rebuild", "error")
+CACHE_DEVICES = ("auto", "cpu", "cuda")
 
 
 class CacheMismatchError(ValueError):
@@ -43,9 +44,12 @@ class CacheConfig:
     policy: str = "rebuild"
     batch_size: int = 64
     text_max_positions: int | None = 32
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dir", Path(self.dir))
+        if self.device not in CACHE_DEVICES:
+            raise ValueError(f"cache.device must be one of {CACHE_DEVICES}, got {self.device!r}")
         if self.policy not in CACHE_POLICIES:
             raise ValueError(f"cache.policy must be one of {CACHE_POLICIES}, got {self.policy!r}")
         if self.batch_size < 1:

@@ -11,7 +11,12 @@ from ldm.diffusion.config import (
 )
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.guidance import guided_prediction
-from ldm.diffusion.objectives import diffusion_loss, loss_weights, training_target
+from ldm.diffusion.objectives import (
+    diffusion_loss,
+    loss_weights,
+    per_sample_loss,
+    training_target,
+)
 from ldm.diffusion.samplers import (
     SAMPLERS,
     DDIMSampler,
@@ -42,6 +47,7 @@ __all__ = [
     "guided_prediction",
     "loss_weights",
     "make_sampler",
+    "per_sample_loss",
     "sample",
     "sampling_timesteps",
     "timesteps_for_strength",

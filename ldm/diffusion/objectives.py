@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ldm.diffusion.config import ScheduleConfig
 from ldm.diffusion.denoiser import Denoiser
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule, betas_from_config
 
 
 def training_target(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -26,13 +28,20 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor) -> Tensor:
     min(SNR, γ)/SNR on an ε target and min(SNR, γ)/(SNR + 1) on a v target, because
     ‖ε̂ - ε‖² = SNR·‖x̂0 - x0‖² and ‖v̂ - v‖² = (SNR + 1)·‖x̂0 - x0‖².
     """
-    if schedule.config.loss_weighting == "mse":
-        return torch.ones(t.shape, device=t.device, dtype=torch.float32)
-    snr = schedule.snr.to(device=t.device, dtype=torch.float64)[t]
-    capped = snr.clamp(max=schedule.config.min_snr_gamma)
-    if schedule.prediction_type == "v_prediction":
-        return (capped / (snr + 1)).float()
-    return (capped / snr).float()
+    return _weight_table(schedule.config, t.device)[t]
+
+
+@functools.cache
+def _weight_table(config: ScheduleConfig, device: torch.device) -> Tensor:
+    """The (T,) float32 weights of every timestep, computed once in float64 on the CPU (MPS has
+    no float64) and then placed on ``device``: training only gathers from it."""
+    if config.loss_weighting == "mse":
+        return torch.ones(config.num_train_timesteps, device=device)
+    alphas_cumprod = torch.cumprod(1 - betas_from_config(config), dim=0)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    capped = snr.clamp(max=config.min_snr_gamma)
+    weights = capped / (snr + 1) if config.prediction_type == "v_prediction" else capped / snr
+    return weights.float().to(device)
 
 
 def diffusion_loss(
@@ -49,6 +58,8 @@ def diffusion_loss(
 
     Draws t ~ U{0..T-1} and ε ~ N(0, I) from ``generator`` unless given, so validation can fix
     them and get a comparable number every epoch. Reduce with ``.mean()`` for the optimiser.
+    Checks what it is given; the training step, whose t and ε are drawn by the data loader,
+    calls :func:`per_sample_loss` directly.
     """
     batch = x0.shape[0]
     if t is None:
@@ -63,7 +74,13 @@ def diffusion_loss(
         raise ValueError(
             f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}; they must match."
         )
+    return per_sample_loss(model, schedule, x0, cond, t, noise)
 
+
+def per_sample_loss(
+    model: Denoiser, schedule: NoiseSchedule, x0: Tensor, cond: Any, t: Tensor, noise: Tensor
+) -> Tensor:
+    """The loss (B,) with nothing checked that would read the device: the hot path."""
     prediction = model(schedule.q_sample(x0, t, noise), t, cond)
     if prediction.shape != x0.shape:
         raise ValueError(

@@ -20,6 +20,9 @@ With identical betas and timesteps each sampler matches a diffusers scheduler st
 
 All three use ``timestep_spacing="trailing"`` and no clipping or thresholding (latents are not
 bounded to [-1, 1]); ``trained_betas`` gives diffusers our exact β.
+
+Timesteps are Python ints and every coefficient a Python float from the schedule's host copy, so
+a step only launches device work: no step reads a value back from the device.
 """
 
 from __future__ import annotations

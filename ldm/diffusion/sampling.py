@@ -55,6 +55,9 @@ def sample(
     timesteps = timesteps_for_strength(
         sampling_timesteps(schedule.num_train_timesteps, steps), strength
     )
+    # Python ints, read once from the CPU tensor: the loop below only launches device work and
+    # never reads a device value back (that would stall the host on every step).
+    t_list = timesteps.tolist()
     device, dtype = schedule.device, schedule.dtype
 
     if init_latent is None:
@@ -62,10 +65,9 @@ def sample(
     else:
         start = init_latent.to(device=device, dtype=dtype)
         noise = standard_normal(start.shape, generator, device=device, dtype=dtype)
-        x = schedule.q_sample(start, int(timesteps[0]), noise)
+        x = schedule.q_sample(start, t_list[0], noise)
 
     last_step: StepOutput | None = None
-    t_list = timesteps.tolist()
     for i, t in enumerate(
         progress_bar(t_list, description=f"sampling ({sampler})", enabled=progress)
     ):

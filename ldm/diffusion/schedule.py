@@ -68,7 +68,12 @@ class NoiseSchedule:
 
     A plain object rather than an ``nn.Module``: Lightning's precision plugins would cast module
     buffers to bf16/fp16, and ᾱ near 0 or 1 does not survive that. Checkpoints carry the config.
-    Coefficients are cast to the dtype and device of the tensor they multiply.
+
+    Per-sample timesteps (a (B,) tensor, as in training) gather the coefficients on the device,
+    cast to the dtype of the tensor they multiply. A single integer timestep (sampling) reads a
+    host copy instead and multiplies by a Python float: reading a CUDA tensor's value would make
+    the host wait for the device several times per sampling step. The host copy holds exactly the
+    values of the device tensors (rounded to ``dtype`` first), so a read gives the same number.
     """
 
     def __init__(
@@ -91,6 +96,10 @@ class NoiseSchedule:
         self.snr = store(alphas_cumprod / (1 - alphas_cumprod))
         self.sqrt_alphas_cumprod = store(alphas_cumprod.sqrt())
         self.sqrt_one_minus_alphas_cumprod = store((1 - alphas_cumprod).sqrt())
+        # Built before anything reaches the device, so reading them never synchronises.
+        self._host_alphas_cumprod = _host_floats(alphas_cumprod, dtype)
+        self._host_sqrt_alphas_cumprod = _host_floats(alphas_cumprod.sqrt(), dtype)
+        self._host_sqrt_one_minus_alphas_cumprod = _host_floats((1 - alphas_cumprod).sqrt(), dtype)
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -123,21 +132,17 @@ class NoiseSchedule:
         if t == -1:
             return 1.0
         self._check_timestep(t)
-        return float(self.alphas_cumprod[t])
+        return self._host_alphas_cumprod[t]
 
     def q_sample(self, x0: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
         """x_t = √ᾱ_t · x0 + √(1-ᾱ_t) · ε: a draw from q(x_t | x0) for the given noise."""
-        return (
-            self._at(self.sqrt_alphas_cumprod, t, x0) * x0
-            + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
-        )
+        signal, noise_level = self._signal_and_noise_levels(t, x0)
+        return signal * x0 + noise_level * noise
 
     def velocity(self, x0: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
         """v = √ᾱ_t · ε - √(1-ᾱ_t) · x0, the v-prediction target (Salimans & Ho 2022)."""
-        return (
-            self._at(self.sqrt_alphas_cumprod, t, x0) * noise
-            - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
-        )
+        signal, noise_level = self._signal_and_noise_levels(t, x0)
+        return signal * noise - noise_level * x0
 
     def x0_from_epsilon(self, x_t: Tensor, t: Tensor | int, epsilon: Tensor) -> Tensor:
         signal, noise_level = self._signal_and_noise_levels(t, x_t)
@@ -166,20 +171,18 @@ class NoiseSchedule:
             )
         return self.x0_from_epsilon(x_t, t, model_output), model_output
 
-    def _signal_and_noise_levels(self, t: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor]:
-        return (
-            self._at(self.sqrt_alphas_cumprod, t, like),
-            self._at(self.sqrt_one_minus_alphas_cumprod, t, like),
-        )
-
-    def _at(self, values: Tensor, t: Tensor | int, like: Tensor) -> Tensor:
-        """values[t], shaped to broadcast over ``like`` (per sample when t is a (B,) tensor)."""
+    def _signal_and_noise_levels(
+        self, t: Tensor | int, like: Tensor
+    ) -> tuple[Tensor, Tensor] | tuple[float, float]:
+        """(√ᾱ_t, √(1-ᾱ_t)): per sample, shaped to broadcast over ``like``, for a (B,) tensor t;
+        Python floats from the host copy for an integer t."""
         if isinstance(t, Tensor):
-            picked = values[t.to(values.device)].reshape(-1, *([1] * (like.ndim - 1)))
-        else:
-            self._check_timestep(t)
-            picked = values[t]
-        return picked.to(device=like.device, dtype=like.dtype)
+            return (
+                _gather(self.sqrt_alphas_cumprod, t, like),
+                _gather(self.sqrt_one_minus_alphas_cumprod, t, like),
+            )
+        self._check_timestep(t)
+        return self._host_sqrt_alphas_cumprod[t], self._host_sqrt_one_minus_alphas_cumprod[t]
 
     def _check_timestep(self, t: int) -> None:
         if not 0 <= t < self.num_train_timesteps:
@@ -187,3 +190,14 @@ class NoiseSchedule:
                 f"timestep t={t} is outside [0, {self.num_train_timesteps - 1}] "
                 f"(T={self.num_train_timesteps}); timesteps are 0-based."
             )
+
+
+def _gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """values[t] on the device, shaped (B, 1, …) to broadcast over ``like`` and in its dtype."""
+    picked = values[t.to(values.device)].reshape(-1, *([1] * (like.ndim - 1)))
+    return picked.to(device=like.device, dtype=like.dtype)
+
+
+def _host_floats(values: Tensor, dtype: torch.dtype) -> tuple[float, ...]:
+    """CPU float64 ``values`` as Python floats, rounded to ``dtype`` first like the device copy."""
+    return tuple(values.to(dtype).tolist())

@@ -92,13 +92,16 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(logvar_min, logvar_max)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """z = mean + std·ε. The noise is drawn on the generator's own device, so one seeded
-        CPU generator gives the same z whether the model runs on CPU or GPU."""
-        noise_device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=noise_device, dtype=self.mean.dtype
-        )
+    def sample(
+        self, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
+        """z = mean + std·ε, for the given ε or one drawn on the generator's own device (so one
+        seeded CPU generator gives the same z whether the model runs on CPU or GPU)."""
+        if noise is None:
+            noise_device = generator.device if generator is not None else self.mean.device
+            noise = torch.randn(
+                self.mean.shape, generator=generator, device=noise_device, dtype=self.mean.dtype
+            )
         return self.mean + self.std * noise.to(self.mean.device)
 
     def mode(self) -> Tensor:
@@ -227,10 +230,12 @@ class VAE(nn.Module):
         x: Tensor,
         sample_posterior: bool = True,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruct `x`; sampling z (the default) is what makes this a VAE in training."""
+        """Reconstruct `x`; sampling z (the default) is what makes this a VAE in training.
+        `noise` is the ε of that sample when the caller has drawn it already."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        z = posterior.sample(generator, noise) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
     def _check_images(self, x: Tensor) -> None:

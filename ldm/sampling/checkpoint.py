@@ -38,7 +38,7 @@ WHAT_CKPT_IS = (
     "train one with `python train_unet.py`."
 )
 # Where the U-Net's weights live in a LatentDiffusionModule's state_dict.
-LIGHTNING_PREFIXES = {"raw": "unet.", "ema": "ema.averaged.module."}
+LIGHTNING_PREFIXES = {"raw": "unet.", "ema": "ema.module."}
 # What training records about the U-Net, under these names in unet.json and (hyper_parameters
 # plus their `provenance`) in a Lightning checkpoint.
 RECORDED_KEYS = (

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ldm.data.images import ImageReadError, read_rgb_image
 from ldm.diffusion import SAMPLERS
-from ldm.pipeline import SamplingOptions
+from ldm.pipeline import COMPILE_MODES, SamplingOptions
 from ldm.sampling.errors import SamplingError
 
 DEFAULT_IMG2IMG_STRENGTH = 0.75  # keeps the layout of the init image, redraws its details
@@ -43,6 +43,12 @@ class SampleRequest:
     options: SamplingOptions
     init_image_path: Path | None = None
     init_image: Image.Image | None = None
+    compile_mode: str = "none"  # one of ldm.pipeline.COMPILE_MODES
+
+    @property
+    def full_batch_size(self) -> int:
+        """The size of every model batch but perhaps the last, which padding brings up to it."""
+        return min(self.batch_size, len(self.prompts) * self.images_per_prompt)
 
     def jobs(self) -> list[ImageJob]:
         """Every image of the run in order; image i (counting over all prompts) gets seed + i."""
@@ -88,6 +94,7 @@ def request_from_config(cfg: DictConfig) -> SampleRequest:
         options=options,
         init_image_path=init_path,
         init_image=None if init_path is None else read_init_image(init_path),
+        compile_mode=_choice("compile", cfg.compile, COMPILE_MODES),
     )
 
 

@@ -74,12 +74,15 @@ def run_sampling(cfg: DictConfig) -> SamplingResult:
         device=device.torch_device,
         autocast_dtype=autocast_dtype(device.precision),
         offload=bool(cfg.offload),
+        compile_mode=request.compile_mode,
+        # Compiled, every batch is padded to one size (see LatentDiffusionPipeline).
+        fixed_batch_size=None if request.compile_mode == "none" else request.full_batch_size,
     )
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info(
-        "Sampling %d image(s) for %d prompt(s) with %s, %d steps, cfg_scale %g on %s (%s) "
-        "from %s (%s weights) into %s",
+        "Sampling %d image(s) for %d prompt(s) with %s, %d steps, cfg_scale %g on %s (%s, "
+        "compile %s) from %s (%s weights) into %s",
         len(request.prompts) * request.images_per_prompt,
         len(request.prompts),
         request.options.sampler,
@@ -87,6 +90,7 @@ def run_sampling(cfg: DictConfig) -> SamplingResult:
         request.options.cfg_scale,
         device.device,
         device.precision,
+        request.compile_mode,
         checkpoint.source,
         checkpoint.weights,
         out_dir,

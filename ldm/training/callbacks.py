@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +15,16 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from ldm.training.step_metrics import logging_due
+
 log = logging.getLogger(__name__)
 
 
 def _first_items(batch: dict[str, Any], count: int) -> dict[str, Any]:
-    return {key: value[:count] for key, value in batch.items()}
+    return {
+        key: value[:count] if isinstance(value, torch.Tensor | list) else value
+        for key, value in batch.items()
+    }
 
 
 class ImageLogger(Callback):
@@ -77,3 +84,61 @@ class ImageLogger(Callback):
                     key="val/images", images=[grid], caption=[caption], step=trainer.global_step
                 )
         log.info("Saved image grid %s", path)
+
+
+class ThroughputLogger(Callback):
+    """Samples per second of the training loop, logged every ``log_every_n_steps`` steps.
+
+    Lightning's ThroughputMonitor synchronises the GPU after every batch. This one waits for
+    the GPU only at logging steps — where the training module reads its metrics, and so waits,
+    anyway — so each window's rate is the steady-state rate. The first step's wall time
+    (compilation, cuDNN autotuning and warm-up included) is logged once as
+    ``perf/first_step_seconds``; rates start after it.
+    """
+
+    def __init__(self, batch_size_fn: Callable[[Any], int]) -> None:
+        self.batch_size_fn = batch_size_fn
+        self._window_start: float | None = None
+        self._samples = 0
+        self._first_step_started: float | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._first_step_started is None and self._window_start is None:
+            self._first_step_started = time.perf_counter()
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._first_step_started is not None:
+            _wait_for_device(pl_module.device)
+            seconds = time.perf_counter() - self._first_step_started
+            self._first_step_started = None
+            self._window_start = time.perf_counter()
+            self._log(trainer, {"perf/first_step_seconds": seconds})
+            return
+        self._samples += self.batch_size_fn(batch) * trainer.world_size
+        if logging_due(trainer) and self._window_start is not None:
+            _wait_for_device(pl_module.device)
+            now = time.perf_counter()
+            self._log(
+                trainer, {"perf/samples_per_second": self._samples / (now - self._window_start)}
+            )
+            self._window_start, self._samples = now, 0
+
+    @staticmethod
+    def _log(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _wait_for_device(device: torch.device) -> None:
+    """Let queued GPU work finish so the clock measures it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

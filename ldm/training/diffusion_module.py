@@ -5,23 +5,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
-from ldm.diffusion import NoiseSchedule, ScheduleConfig, diffusion_loss
+from ldm.data.batch_randomness import StepRandomness
+from ldm.diffusion import NoiseSchedule, ScheduleConfig, per_sample_loss
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE, count_parameters
 from ldm.pipeline import LatentDiffusionPipeline, SamplingOptions
 from ldm.training.ema import EMA
+from ldm.training.fast_module import FastTrainingModule
 from ldm.training.optim import build_optimizer
-from ldm.training.step_noise import normal_like, step_generator
+from ldm.training.step_metrics import MetricWindow, logging_due_after_this_step
 
 
 def timestep_buckets(t: Tensor, num_timesteps: int, num_buckets: int) -> Tensor:
     """Bucket index of each timestep: equal-width slices of [0, T)."""
     return torch.div(t * num_buckets, num_timesteps, rounding_mode="floor")
+
+
+def bucket_sums(losses: Tensor, t: Tensor, num_timesteps: int, num_buckets: int) -> tuple:
+    """Per-bucket loss sums and sample counts (each (K,)), with no data-dependent shapes."""
+    buckets = timestep_buckets(t, num_timesteps, num_buckets)
+    sums = losses.new_zeros(num_buckets).index_add_(0, buckets, losses.detach().float())
+    counts = losses.new_zeros(num_buckets).index_add_(0, buckets, torch.ones_like(losses))
+    return sums, counts
 
 
 def bucket_name(bucket: int, num_timesteps: int, num_buckets: int) -> str:
@@ -37,13 +45,15 @@ class _FrozenModels:
     vae: VAE | None = None
 
 
-class LatentDiffusionModule(L.LightningModule):
+class LatentDiffusionModule(FastTrainingModule):
     """ε/v-prediction training with condition dropout, EMA, warmup + cosine LR.
 
-    Batches come from the latent cache: posterior mean and std of each image (a fresh
-    z = μ + σ·ε is drawn every step) and the cached text hidden states of one caption.
-    The frozen VAE and text encoder are never children of this module, so they are never
-    trained and never saved in its checkpoints; the VAE is attached only for sample grids.
+    Batches come from the latent cache: posterior mean and std of each image, the cached text
+    hidden states of one caption, and the step's random numbers (:meth:`step_randomness`,
+    drawn by the loader): ε for a fresh z = μ + σ·ε, the timesteps, the diffusion noise and
+    which captions to drop. The frozen VAE and text encoder are never children of this module,
+    so they are never trained and never saved in its checkpoints; the VAE is attached only for
+    sample grids.
     """
 
     def __init__(
@@ -60,8 +70,10 @@ class LatentDiffusionModule(L.LightningModule):
         validation: dict[str, Any],
         provenance: dict[str, Any],
         seed: int = 0,
+        compile_mode: str = "none",
+        fused_optimizer: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(compile_mode=compile_mode, fused_optimizer=fused_optimizer)
         if not 0 <= cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
         self.save_hyperparameters()
@@ -80,13 +92,29 @@ class LatentDiffusionModule(L.LightningModule):
         )
         self.sample_prompts: list[str] = []
         self._frozen = _FrozenModels()
+        self._training_losses = self.compiled(self._losses)
+        self._val_window = MetricWindow()
 
-    # Lightning's ThroughputMonitor reads this; unknown here, so it reports latents/s only.
-    flops_per_batch: float | None = None
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.unet
 
     @property
     def num_parameters(self) -> int:
         return count_parameters(self.unet)
+
+    def step_randomness(self, train: bool) -> StepRandomness:
+        """What the loader draws with each batch: everything for training; for validation only
+        the noise (its timesteps are spread evenly and its latents are posterior means)."""
+        latent_shape = tuple(self.hparams.latent_shape)
+        if not train:
+            return StepRandomness(diffusion_noise_shape=latent_shape)
+        return StepRandomness(
+            posterior_noise_shape=latent_shape,
+            num_timesteps=self.schedule.num_train_timesteps,
+            diffusion_noise_shape=latent_shape,
+            cond_dropout=self.cond_dropout,
+        )
 
     def attach_frozen_inputs(
         self, *, empty_context: Tensor, vae: VAE, sample_prompts: list[str], sample_context: Tensor
@@ -100,49 +128,48 @@ class LatentDiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.schedule = self.schedule.to(device=self.device)
 
-    def _latents(self, batch: dict[str, Any], generator: torch.Generator | None) -> Tensor:
-        """z = μ + σ·ε scaled to unit variance; the posterior mean when ``generator`` is None."""
-        mean, std = batch["latent_mean"], batch["latent_std"]
-        z = mean if generator is None else mean + std * normal_like(std, generator)
-        return z * self.latent_scale
-
-    def _drop_conditions(self, context: Tensor, generator: torch.Generator) -> Tensor:
-        """Replace a ``cond_dropout`` fraction of captions by the empty prompt (for CFG)."""
-        draws = torch.rand(context.shape[0], generator=generator).to(context.device)
-        drop = draws < self.cond_dropout
-        return torch.where(drop[:, None, None], self.empty_context.to(context.dtype), context)
-
-    def _log_bucketed(self, stage: str, losses: Tensor, t: Tensor) -> None:
-        num_buckets = self.validation["timestep_buckets"]
-        T = self.schedule.num_train_timesteps
-        buckets = timestep_buckets(t, T, num_buckets)
-        for bucket in range(num_buckets):
-            selected = losses[buckets == bucket]
-            if selected.numel():
-                self.log(
-                    f"{stage}/loss_{bucket_name(bucket, T, num_buckets)}",
-                    selected.mean(),
-                    on_step=False,
-                    on_epoch=True,
-                    batch_size=selected.numel(),
-                )
+    def _losses(
+        self,
+        latent_mean: Tensor,
+        latent_std: Tensor,
+        posterior_noise: Tensor,
+        text_hidden_states: Tensor,
+        drop_condition: Tensor,
+        t: Tensor,
+        noise: Tensor,
+    ) -> Tensor:
+        """Per-sample loss (B,) of one training batch: what ``trainer.compile`` compiles."""
+        z = (latent_mean.float() + latent_std.float() * posterior_noise) * self.latent_scale
+        context = text_hidden_states.to(self.empty_context.dtype)
+        # Condition dropout: the empty prompt's states in place of a dropped caption (for CFG).
+        context = torch.where(drop_condition[:, None, None], self.empty_context, context)
+        return per_sample_loss(self.unet, self.schedule, z, context, t, noise)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        generator = step_generator(self.seed, self.current_epoch, batch_idx, self.global_rank)
-        z = self._latents(batch, generator)
-        context = self._drop_conditions(batch["text_hidden_states"], generator)
-        T = self.schedule.num_train_timesteps
-        t = torch.randint(0, T, (z.shape[0],), generator=generator).to(z.device)
-        noise = normal_like(z, generator)
-        losses = diffusion_loss(self.unet, self.schedule, z, context, t=t, noise=noise)  # (B,)
+        t = batch["timesteps"]
+        losses = self._training_losses(
+            batch["latent_mean"],
+            batch["latent_std"],
+            batch["posterior_noise"],
+            batch["text_hidden_states"],
+            batch["drop_condition"],
+            t,
+            batch["diffusion_noise"],
+        )
         loss = losses.mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
-        self._log_bucketed("train", losses.detach(), t)
+        self.window.add("train/loss", loss)
+        if logging_due_after_this_step(self.trainer):
+            # Buckets only at the logging step: a window of one batch, fine for a trend line.
+            self.window.add(self._bucket_names("train"), *self._bucket_sums(losses, t))
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.unet, norm_type=2)
-        self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+    def _bucket_sums(self, losses: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        T, num_buckets = self.schedule.num_train_timesteps, self.validation["timestep_buckets"]
+        return bucket_sums(losses, t, T, num_buckets)
+
+    def _bucket_names(self, stage: str) -> tuple[str, ...]:
+        T, num_buckets = self.schedule.num_train_timesteps, self.validation["timestep_buckets"]
+        return tuple(f"{stage}/loss_{bucket_name(b, T, num_buckets)}" for b in range(num_buckets))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Update the EMA right after each optimizer step: once per step under gradient
@@ -151,25 +178,29 @@ class LatentDiffusionModule(L.LightningModule):
         self.ema.update(self.unet)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.log("train/ema_decay", self.ema.decay)
+        self.log_window_if_due({"train/ema_decay": self.ema.decay})
 
-    def validation_losses(self, batch: dict[str, Any], batch_idx: int) -> tuple[Tensor, Tensor]:
-        """Per-sample loss at fixed timesteps (spread over [0, T)) with noise fixed by the batch
-        index: the same number for the same weights, run after run."""
-        z = self._latents(batch, generator=None)
+    def validation_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Per-sample loss at fixed timesteps (spread over [0, T)) from the posterior mean, with
+        noise fixed by the batch's images: the same number for the same weights, run after run."""
+        z = batch["latent_mean"].float() * self.latent_scale
         batch_size, T = z.shape[0], self.schedule.num_train_timesteps
-        generator = torch.Generator().manual_seed(1_000 + batch_idx)
-        t = ((torch.arange(batch_size) + 0.5) * T / batch_size).long().to(z.device)
-        noise = torch.randn(z.shape, generator=generator).to(z)
-        losses = diffusion_loss(
-            self.unet, self.schedule, z, batch["text_hidden_states"], t=t, noise=noise
-        )
+        t = ((torch.arange(batch_size, device=z.device) + 0.5) * T / batch_size).long()
+        context = batch["text_hidden_states"].to(self.empty_context.dtype)
+        losses = per_sample_loss(self.unet, self.schedule, z, context, t, batch["diffusion_noise"])
         return losses, t
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses, t = self.validation_losses(batch, batch_idx)
+        losses, t = self.validation_losses(batch)
         self.log("val/loss", losses.mean(), prog_bar=True, batch_size=losses.shape[0])
-        self._log_bucketed("val", losses, t)
+        self._val_window.add(self._bucket_names("val"), *self._bucket_sums(losses, t))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_window:
+            return
+        for name, value in self._val_window.read_means().items():
+            if not torch.isnan(value):
+                self.log(name, value, on_step=False, on_epoch=True)
 
     def sampling_pipeline(self) -> LatentDiffusionPipeline:
         if self._frozen.vae is None:
@@ -199,5 +230,8 @@ class LatentDiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(
-            self.unet.parameters(), self.hparams.optim, int(self.trainer.estimated_stepping_batches)
+            self.unet.parameters(),
+            self.hparams.optim,
+            int(self.trainer.estimated_stepping_batches),
+            fused=self.fused_optimizer,
         )

@@ -12,16 +12,18 @@ steps: decay 0.9 at step 20, 0.99 at step 460, 0.999 at 10k and 0.9999 from 215k
 average is always a recent one, whatever the run's length.
 
 The EMA is an `nn.Module`: moved with the training module and saved in its checkpoint, step
-count included (as extra state).
+count included. The update is one fused (foreach) pass over tensor lists built once, with the
+decay computed on the device from a step counter there, so it launches a few kernels, reads
+nothing back to the host and can live inside a captured CUDA graph.
 """
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 class EMA(nn.Module):
@@ -29,7 +31,7 @@ class EMA(nn.Module):
 
     `update_every=k` averages only on every k-th call, with the decay raised to the k-th power,
     so the averaging horizon in optimizer steps does not depend on k. Buffers are averaged
-    along with parameters (`use_buffers=True`), so the copy is self-consistent.
+    along with parameters, so the copy is self-consistent.
     """
 
     def __init__(
@@ -59,15 +61,11 @@ class EMA(nn.Module):
         self.warmup_power = warmup_power
         self.update_every = update_every
         self.steps_seen = 0
-        # The decay is set before each update (it changes with the step), so none is given here.
-        self.averaged = AveragedModel(model, use_buffers=True)
-        self.averaged.requires_grad_(False)
-        self.averaged.eval()
-
-    @property
-    def module(self) -> nn.Module:
-        """The averaged model, e.g. for sampling or export; always in eval mode."""
-        return self.averaged.module
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
+        # The step count again, on the device: the decay is computed there, never on the host.
+        self.register_buffer("device_step", torch.zeros((), dtype=torch.float32))
+        self._pairs: tuple[list[Tensor], list[Tensor], nn.Module] | None = None
+        self._register_load_state_dict_pre_hook(_rename_averaged_model_keys)
 
     def decay_at(self, step: int) -> float:
         """Per-optimizer-step decay at 0-based `step`; 0 at step 0, so the first update copies."""
@@ -76,19 +74,37 @@ class EMA(nn.Module):
 
     @property
     def decay(self) -> float:
-        """Decay of the latest optimizer step (0 before any), for logging."""
+        """Decay of the latest optimizer step (0 before any), for logging; computed on the host."""
         return self.decay_at(max(self.steps_seen - 1, 0))
+
+    def _device_decay(self) -> Tensor:
+        """`decay_at(steps_seen) ** update_every`, as a device tensor."""
+        warmup = 1.0 - (1.0 + self.device_step / self.warmup_inv_gamma) ** -self.warmup_power
+        return warmup.clamp(0.0, self.decay_max) ** self.update_every
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Record one optimizer step of `model` (the live model the EMA was built from)."""
-        self._check_same_architecture(model)
         if self.steps_seen % self.update_every == 0:
-            decay = self.decay_at(self.steps_seen) ** self.update_every
-            # torch's EMA function takes a fixed decay, so a fresh one is set per update.
-            self.averaged.multi_avg_fn = get_ema_multi_avg_fn(decay)
-            self.averaged.update_parameters(model)
+            averaged, live = self._tensor_lists(model)
+            # averaged ← live + decay·(averaged − live), i.e. a lerp towards live by 1 − decay.
+            torch._foreach_sub_(averaged, live)
+            torch._foreach_mul_(averaged, self._device_decay())
+            torch._foreach_add_(averaged, live)
         self.steps_seen += 1
+        self.device_step.add_(1)
+
+    def _tensor_lists(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """The (averaged, live) tensor pairs, built and checked once per model and placement."""
+        if self._pairs is None or self._pairs[2] is not model:
+            self._check_same_architecture(model)
+            self._pairs = (_state_tensors(self.module), _state_tensors(model), model)
+        return self._pairs[0], self._pairs[1]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "EMA":
+        """Moving or casting replaces buffers: rebuild the tensor lists at the next update."""
+        self._pairs = None
+        return super()._apply(fn, recurse)
 
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -98,24 +114,21 @@ class EMA(nn.Module):
         Swapping into the live model, rather than using `module`, keeps whatever wraps the
         live model (device placement, DDP, compiled graph) in effect.
         """
-        self._check_same_architecture(model)
-        live_tensors = _state_tensors(model)
-        saved = [tensor.detach().clone() for tensor in live_tensors]
+        averaged, live = self._tensor_lists(model)
+        saved = torch._foreach_add(live, 0)  # copies
         with torch.no_grad():
-            for live, averaged in zip(live_tensors, _state_tensors(self.module), strict=True):
-                live.copy_(averaged)
+            torch._foreach_copy_(live, averaged)
         try:
             yield model
         finally:
             with torch.no_grad():
-                for live, original in zip(live_tensors, saved, strict=True):
-                    live.copy_(original)
+                torch._foreach_copy_(live, saved)
 
     def train(self, mode: bool = True) -> "EMA":
         """The averaged copy is never trained: it stays in eval mode (dropout off) when the
         training module around it switches to train."""
         super().train(mode)
-        self.averaged.eval()
+        self.module.eval()
         return self
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -124,9 +137,10 @@ class EMA(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.steps_seen = int(state["steps_seen"])
+        self._pairs = None
 
     def _check_same_architecture(self, model: nn.Module) -> None:
-        """AveragedModel pairs tensors by position only; refuse a model that does not match."""
+        """The update pairs tensors by position only; refuse a model that does not match."""
         expected = [(name, t.shape) for name, t in _named_state_tensors(self.module)]
         given = [(name, t.shape) for name, t in _named_state_tensors(model)]
         if expected != given:
@@ -139,9 +153,22 @@ class EMA(nn.Module):
 
 
 def _named_state_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
-    """Parameters then buffers, in the order AveragedModel(use_buffers=True) pairs them."""
-    return [*model.named_parameters(), *model.named_buffers()]
+    """Parameters then floating-point buffers, in a fixed order."""
+    buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    return [*model.named_parameters(), *buffers]
 
 
 def _state_tensors(model: nn.Module) -> list[Tensor]:
-    return [tensor for _, tensor in _named_state_tensors(model)]
+    return [tensor.detach() for _, tensor in _named_state_tensors(model)]
+
+
+def _rename_averaged_model_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Read checkpoints written before this class stopped wrapping torch's AveragedModel
+    (``averaged.module.*`` → ``module.*``; its ``n_averaged`` counter is dropped; the device
+    step counter is rebuilt from the step count)."""
+    old = f"{prefix}averaged.module."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[f"{prefix}module.{key[len(old) :]}"] = state_dict.pop(key)
+    if state_dict.pop(f"{prefix}averaged.n_averaged", None) is not None:
+        extra = state_dict.get(f"{prefix}_extra_state", {"steps_seen": 0})
+        state_dict.setdefault(f"{prefix}device_step", torch.tensor(float(extra["steps_seen"])))

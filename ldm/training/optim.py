@@ -26,12 +26,18 @@ def _after_warmup(
 
 
 def build_optimizer(
-    parameters: Iterable[torch.nn.Parameter], optim: dict[str, Any], total_steps: int
+    parameters: Iterable[torch.nn.Parameter],
+    optim: dict[str, Any],
+    total_steps: int,
+    *,
+    fused: bool = False,
 ) -> dict[str, Any]:
     """What ``configure_optimizers`` returns, from the ``optim`` config node.
 
     Warmup starts at 1/1000 of the rate (Adam's early steps are the noisiest); ``total_steps``
-    is the run's optimizer step count (Lightning's ``estimated_stepping_batches``).
+    is the run's optimizer step count (Lightning's ``estimated_stepping_batches``). ``fused``
+    (the CUDA profile's ``fused_optimizer``) updates every parameter in one kernel per step
+    instead of a launch per parameter tensor.
     """
     schedule = optim.get("lr_schedule", "constant")
     if schedule not in LR_SCHEDULES:
@@ -44,6 +50,7 @@ def build_optimizer(
         lr=optim["lr"],
         betas=tuple(optim["betas"]),
         weight_decay=optim["weight_decay"],
+        fused=fused or None,
     )
     min_lr = optim["lr"] * optim.get("min_lr_ratio", 0.0)
     warmup = min(warmup, max(0, total_steps - 1))

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoints import load_vae_export, save_unet_export
 from ldm.data.latent_datamodule import LatentDataModule
 from ldm.runs import point_latest_at, start_run
 from ldm.text import FrozenTextEncoder, TextEncoderConfig
-from ldm.training.callbacks import ImageLogger
+from ldm.training.callbacks import ImageLogger, ThroughputLogger
 from ldm.training.checkpointing import checkpoint_callbacks
 from ldm.training.diffusion_module import LatentDiffusionModule
 from ldm.training.loggers import build_logger, close_logger, log_final_metrics
@@ -37,7 +37,7 @@ def _container(node: DictConfig) -> dict[str, Any]:
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
-    return int(batch["latent_mean"].shape[0])
+    return int(batch["index"].shape[0])
 
 
 def check_inputs_fit(cfg: DictConfig, vae_metadata: dict[str, Any]) -> None:
@@ -83,11 +83,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool) -> tuple[list,
     ]
     if with_logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks.append(
-            ThroughputMonitor(
-                batch_size_fn=_batch_size, window_size=cfg.logging.throughput_window_batches
-            )
-        )
+        callbacks.append(ThroughputLogger(batch_size_fn=_batch_size))
     return callbacks, best
 
 
@@ -150,6 +146,8 @@ def run_unet_stage(cfg: DictConfig, run_dir: Path | None = None) -> UNetStageRes
         context_length=datamodule.text_num_positions,
         validation=_container(cfg.validation),
         seed=context.seed,
+        compile_mode=context.device.compile_mode,
+        fused_optimizer=context.device.fused_optimizer,
         provenance={
             "vae_export": str(vae_export.resolve()),
             "vae_weights_sha256": vae_metadata["weights_sha256"],
@@ -157,6 +155,8 @@ def run_unet_stage(cfg: DictConfig, run_dir: Path | None = None) -> UNetStageRes
             "image_size": cfg.data.image_size,
         },
     )
+    datamodule.train_randomness = module.step_randomness(train=True)
+    datamodule.val_randomness = module.step_randomness(train=False)
     module.attach_frozen_inputs(
         empty_context=datamodule.empty_prompt_hidden_states(),
         vae=vae,

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm.data.batch_randomness import StepRandomness
 from ldm.models.vae import VAE, VAEConfig, count_parameters, vae_loss
+from ldm.training.fast_module import FastTrainingModule
 from ldm.training.optim import build_optimizer
-from ldm.training.step_noise import step_generator
+from ldm.training.step_metrics import logging_due_after_this_step
 
 
-class VAEModule(L.LightningModule):
+class VAEModule(FastTrainingModule):
     """MSE + β·KL training of :class:`VAE`, with PSNR/SSIM validation and latent statistics.
 
     The measured latent statistics live in registered buffers (CompVis style), so every
     checkpoint written after :meth:`set_latent_stats` carries its scale factor with it.
+    ``channels_last`` runs the convolutions in NHWC layout (faster on some GPUs).
     """
 
     def __init__(
@@ -27,10 +29,15 @@ class VAEModule(L.LightningModule):
         optim: dict[str, Any],
         kl_weight: float,
         seed: int = 0,
+        compile_mode: str = "none",
+        fused_optimizer: bool = False,
+        channels_last: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(compile_mode=compile_mode, fused_optimizer=fused_optimizer)
         self.save_hyperparameters()
         self.vae = VAE(VAEConfig.from_dict(model))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.vae.to(memory_format=self.memory_format)
         self.kl_weight = kl_weight
         self.seed = seed
         self.optim = optim
@@ -42,57 +49,61 @@ class VAEModule(L.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
 
-    # Lightning's ThroughputMonitor reads this; unknown here, so it reports images/s only.
-    flops_per_batch: float | None = None
+        self._training_losses = self.compiled(self._losses)
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.vae
 
     @property
     def num_parameters(self) -> int:
         return count_parameters(self.vae)
 
-    def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> None:
-        on_step = stage == "train"
-        for name, value in losses.items():
-            self.log(
-                f"{stage}/{name}",
-                value,
-                on_step=on_step,
-                on_epoch=not on_step,
-                prog_bar=name == "total",
-                batch_size=batch_size,
-            )
+    def step_randomness(self, image_size_px: int) -> StepRandomness:
+        """The posterior sample's ε, drawn by the training loader with each batch."""
+        side = image_size_px // self.vae.downsample_factor
+        return StepRandomness(posterior_noise_shape=(self.vae.config.latent_channels, side, side))
 
-    def _log_latent_channels(self, stage: str, latents: Tensor, batch_size: int) -> None:
-        on_step = stage == "train"
-        detached = latents.detach().float()
-        for channel, (mean, std) in enumerate(
-            zip(detached.mean(dim=(0, 2, 3)), detached.std(dim=(0, 2, 3)), strict=True)
-        ):
-            self.log(
-                f"{stage}/latent_mean_c{channel}",
-                mean,
-                on_step=on_step,
-                on_epoch=not on_step,
-                batch_size=batch_size,
-            )
-            self.log(
-                f"{stage}/latent_std_c{channel}",
-                std,
-                on_step=on_step,
-                on_epoch=not on_step,
-                batch_size=batch_size,
-            )
+    def _losses(self, images: Tensor, noise: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Losses and the sampled latents of one training batch: what ``trainer.compile``
+        compiles."""
+        images = images.contiguous(memory_format=self.memory_format)
+        reconstruction, posterior = self.vae(images, noise=noise)
+        latents = posterior.mean + posterior.std * noise
+        return vae_loss(reconstruction, images, posterior, self.kl_weight), latents
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor | None:
         if batch is None:  # every image of the batch was unreadable: skip the step
             return None
-        images = batch["image"]
-        generator = step_generator(self.seed, self.current_epoch, batch_idx, self.global_rank)
-        reconstruction, posterior = self.vae(images, generator=generator)
-        losses = vae_loss(reconstruction, images, posterior, self.kl_weight)
-        self._log_losses("train", losses, images.shape[0])
-        if self.trainer.log_every_n_steps and batch_idx % self.trainer.log_every_n_steps == 0:
-            self._log_latent_channels("train", posterior.sample(generator), images.shape[0])
+        losses, latents = self._training_losses(batch["image"], batch["posterior_noise"])
+        for name, value in losses.items():
+            self.window.add(f"train/{name}", value)
+        if logging_due_after_this_step(self.trainer):
+            self._add_latent_channels(latents)
         return losses["total"]
+
+    def _add_latent_channels(self, latents: Tensor) -> None:
+        """Per-channel mean and std of the sampled latents, for the logging window."""
+        detached = latents.detach().float()
+        channels = range(detached.shape[1])
+        self.window.add(
+            tuple(f"train/latent_mean_c{c}" for c in channels), detached.mean((0, 2, 3))
+        )
+        self.window.add(tuple(f"train/latent_std_c{c}" for c in channels), detached.std((0, 2, 3)))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log_window_if_due()
+
+    def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> None:
+        for name, value in losses.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "total", batch_size=batch_size)
+
+    def _log_latent_channels(self, stage: str, latents: Tensor, batch_size: int) -> None:
+        detached = latents.detach().float()
+        means, stds = detached.mean(dim=(0, 2, 3)), detached.std(dim=(0, 2, 3))
+        for channel in range(detached.shape[1]):
+            self.log(f"{stage}/latent_mean_c{channel}", means[channel], batch_size=batch_size)
+            self.log(f"{stage}/latent_std_c{channel}", stds[channel], batch_size=batch_size)
 
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         """Deterministic: reconstruct from the posterior mean, so runs compare exactly."""
@@ -124,5 +135,8 @@ class VAEModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(
-            self.vae.parameters(), self.optim, int(self.trainer.estimated_stepping_batches)
+            self.vae.parameters(),
+            self.optim,
+            int(self.trainer.estimated_stepping_batches),
+            fused=self.fused_optimizer,
         )

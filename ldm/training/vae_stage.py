@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoints import save_vae_export
@@ -16,7 +16,7 @@ from ldm.data.datamodule import CaptionedImageDataModule
 from ldm.latent_stats import measure_latent_statistics
 from ldm.progress import progress_bar
 from ldm.runs import point_latest_at, start_run
-from ldm.training.callbacks import ImageLogger
+from ldm.training.callbacks import ImageLogger, ThroughputLogger
 from ldm.training.checkpointing import checkpoint_callbacks
 from ldm.training.loggers import build_logger, close_logger, log_final_metrics
 from ldm.training.trainer import build_trainer
@@ -61,11 +61,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool) -> tuple[list,
     ]
     if with_logger:  # these two only report through a logger
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks.append(
-            ThroughputMonitor(
-                batch_size_fn=_batch_size, window_size=cfg.logging.throughput_window_batches
-            )
-        )
+        callbacks.append(ThroughputLogger(batch_size_fn=_batch_size))
     return callbacks, best
 
 
@@ -146,7 +142,11 @@ def run_vae_stage(cfg: DictConfig, run_dir: Path | None = None) -> VAEStageResul
         optim=_container(cfg.optim),
         kl_weight=cfg.loss.kl_weight,
         seed=context.seed,
+        compile_mode=context.device.compile_mode,
+        fused_optimizer=context.device.fused_optimizer,
+        channels_last=context.device.channels_last,
     )
+    datamodule.train_randomness = module.step_randomness(cfg.data.image_size)
     log.info("VAE parameters: %s", f"{module.num_parameters:,}")
     logger = build_logger(_container(cfg.logger), context.run_dir)
     callbacks, best = _callbacks(cfg, context.run_dir, with_logger=logger is not None)

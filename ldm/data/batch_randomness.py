@@ -1,0 +1,105 @@
+"""A training step's random numbers, drawn on the CPU with its batch while the GPU is busy.
+
+Every random choice of a step (which caption, whether to flip, the posterior sample, the
+diffusion timestep and noise, condition dropout) comes from one generator per batch, seeded by
+the batch's item keys. The sampler derives those keys from (run seed, epoch, position, rank),
+so a run resumed mid-epoch draws exactly the numbers the uninterrupted run drew, every rank
+draws its own, and the same seed gives the same numbers on CUDA, MPS and CPU — with no
+generator state to checkpoint.
+
+Why here and not in the training step: drawn in the loader (a worker process where there are
+workers), the numbers travel with the batch — pinned and copied without blocking — so the step
+itself creates no generator, makes no host→device copy of its own and has static inputs that
+``torch.compile`` and CUDA graphs can take whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# A sampler hands datasets either plain indices (evaluation) or (index, item seed) pairs.
+ItemKey = int | tuple[int, int]
+
+# Entropy tag for keys without item seeds (evaluation), so they never collide with training.
+_EVALUATION_TAG = 0x5EED_E7A1
+
+
+def batch_generator(keys: Sequence[ItemKey]) -> torch.Generator:
+    """A CPU generator that depends only on the batch's keys (SeedSequence mixes them well)."""
+    if keys and isinstance(keys[0], tuple):
+        entropy = [seed for _, seed in keys]
+    else:
+        entropy = [_EVALUATION_TAG, *(int(key) for key in keys)]
+    state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]) & (2**63 - 1))
+
+
+def split_keys(keys: Sequence[ItemKey]) -> Tensor:
+    """The (B,) int64 dataset indices of a batch's keys."""
+    return torch.tensor([key[0] if isinstance(key, tuple) else key for key in keys])
+
+
+@dataclass(frozen=True)
+class ItemChoices:
+    """Per-image augmentation choices of one batch."""
+
+    caption_index: Tensor  # (B,) int64, within each image's own captions
+    flip: Tensor  # (B,) bool
+
+
+def draw_item_choices(
+    generator: torch.Generator, num_captions: Tensor, *, can_flip: bool, train: bool
+) -> ItemChoices:
+    """One caption per image (uniform among its own) and a coin-flip mirror; evaluation takes
+    the first caption, never mirrored. Drawn first, so the image and latent paths agree."""
+    batch = num_captions.shape[0]
+    if not train:
+        return ItemChoices(torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=bool))
+    uniform = torch.rand(batch, generator=generator, dtype=torch.float64)
+    caption_index = (uniform * num_captions).long().clamp_(max=num_captions - 1)
+    flips = torch.rand(batch, generator=generator) < 0.5
+    return ItemChoices(caption_index, flips & can_flip)
+
+
+@dataclass(frozen=True)
+class StepRandomness:
+    """Which random tensors one step needs; the training module states it, the loader draws it.
+
+    ``posterior_noise_shape``: ε for z = μ + σ·ε (per image: (C, h, w)). ``num_timesteps``:
+    t ~ U{0..T-1} with ``diffusion_noise`` ε shaped like the latent. ``cond_dropout``: the
+    share of captions replaced by the empty prompt (a (B,) bool mask; null: no mask).
+    """
+
+    posterior_noise_shape: tuple[int, ...] | None = None
+    num_timesteps: int | None = None
+    diffusion_noise_shape: tuple[int, ...] | None = None
+    cond_dropout: float | None = None
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """The tensors, always drawn in the same order so a key gives the same numbers."""
+        drawn: dict[str, Tensor] = {}
+        if self.posterior_noise_shape is not None:
+            drawn["posterior_noise"] = torch.randn(
+                (batch_size, *self.posterior_noise_shape), generator=generator
+            )
+        if self.num_timesteps is not None:
+            drawn["timesteps"] = torch.randint(
+                self.num_timesteps, (batch_size,), generator=generator
+            )
+        if self.diffusion_noise_shape is not None:
+            drawn["diffusion_noise"] = torch.randn(
+                (batch_size, *self.diffusion_noise_shape), generator=generator
+            )
+        if self.cond_dropout is not None:
+            drawn["drop_condition"] = (
+                torch.rand(batch_size, generator=generator) < self.cond_dropout
+            )
+        return drawn
+
+
+NO_RANDOMNESS = StepRandomness()
