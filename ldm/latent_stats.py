@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ldm.data.transforms import to_model_range
 from ldm.models.vae import VAE
 
 # The keys every statistics dict carries; the export format records exactly these.
@@ -83,9 +84,10 @@ def measure_latent_statistics(
     `seed`, because those sampled latents are what Stage 2 trains on; the scale must make
     *them* unit-variance. Pass False to measure the posterior means instead.
 
-    Batches are image tensors (B, C, H, W) or dicts holding them under "image"; at most
-    `max_batches` are read (None reads all). Stds are population stds (divide by N). The VAE
-    runs in eval mode without gradients and is put back in its previous mode afterwards.
+    Batches are image tensors (B, C, H, W) in [-1, 1] or as uint8 pixels (converted on
+    `device`), or dicts holding them under "image"; at most `max_batches` are read (None reads
+    all). Stds are population stds (divide by N). The VAE runs in eval mode without gradients
+    and is put back in its previous mode afterwards.
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be None or at least 1, got {max_batches}.")
@@ -99,7 +101,7 @@ def measure_latent_statistics(
             for index, batch in enumerate(batches):
                 if max_batches is not None and index >= max_batches:
                     break
-                images = _images_from_batch(batch).to(device)
+                images = to_model_range(_images_from_batch(batch).to(device))
                 posterior = vae.encode(images)
                 latents = posterior.sample(generator) if sample_posterior else posterior.mode()
                 moments.update(latents)  # latents: (B, C, h, w)

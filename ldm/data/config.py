@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.data.bad_input import ON_BAD_INPUT_CHOICES
+from ldm.data.image_cache import IMAGE_CACHE_CHOICES
 from ldm.data.synthetic import SyntheticConfig
 
 SOURCES = ("coco", "synthetic")
@@ -36,6 +37,7 @@ class DataConfig:
     hflip: bool = True
     on_bad_input: str = "warn"
     verify_images: bool = True
+    image_cache: str = "auto"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     @classmethod
@@ -50,6 +52,8 @@ class DataConfig:
         if values.get("val"):
             values["val"] = SplitFiles(**{k: Path(v) for k, v in values["val"].items()})
         values["synthetic"] = SyntheticConfig(**(values.get("synthetic") or {}))
+        if isinstance(values.get("image_cache"), bool):  # YAML 1.1 reads a bare on/off as a bool
+            values["image_cache"] = "on" if values["image_cache"] else "off"
         config = cls(**values)
         config.validate()
         return config
@@ -61,6 +65,12 @@ class DataConfig:
             raise ValueError(
                 f"data.on_bad_input must be one of {ON_BAD_INPUT_CHOICES}, "
                 f"got {self.on_bad_input!r}"
+            )
+        if self.image_cache not in IMAGE_CACHE_CHOICES:
+            raise ValueError(
+                f"data.image_cache must be one of {IMAGE_CACHE_CHOICES}, got "
+                f"{self.image_cache!r}: on decodes every image once into a cache, off decodes "
+                "on the fly, auto is on when training on CUDA."
             )
         if self.val is None and not self.val_fraction:
             raise ValueError(

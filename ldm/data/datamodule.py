@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,12 @@ from ldm.data.batch_randomness import NO_RANDOMNESS, StepRandomness
 from ldm.data.coco_index import CaptionedImage, build_caption_index
 from ldm.data.config import DataConfig
 from ldm.data.dataset import CaptionedImageDataset, batch_as_is
+from ldm.data.image_cache import (
+    CachedImageDataset,
+    ImageCache,
+    ensure_image_cache,
+    image_cache_enabled,
+)
 from ldm.data.sampler import ResumableDataLoader, ResumableDataModule
 from ldm.data.synthetic import generate_synthetic_dataset
 
@@ -56,34 +63,65 @@ def hold_out(
 
 
 class CaptionedImageDataModule(ResumableDataModule):
-    """COCO captions (or the synthetic set, or any COCO-format folder) as Lightning loaders."""
+    """COCO captions (or the synthetic set, or any COCO-format folder) as Lightning loaders.
+
+    With the decoded-image cache on (``data.image_cache``; ``auto`` = when ``train_device`` is
+    CUDA), batches are gathered from it and carry uint8 images for the module to convert on the
+    device; otherwise images are decoded on the fly into [-1, 1] floats.
+    """
 
     def __init__(
-        self, config: DataConfig, loader: LoaderSettings, *, seed: int, cache_dir: Path
+        self,
+        config: DataConfig,
+        loader: LoaderSettings,
+        *,
+        seed: int,
+        cache_dir: Path,
+        train_device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
         self.config = config
         self.loader = loader
         self.seed = seed
         self.cache_dir = Path(cache_dir)
+        self.uses_image_cache = image_cache_enabled(config.image_cache, train_device)
         self.train_records: list[CaptionedImage] = []
         self.val_records: list[CaptionedImage] = []
         # What each training step draws with its batch; the training module states it.
         self.train_randomness: StepRandomness = NO_RANDOMNESS
+        self._image_caches: dict[str, ImageCache] = {}
 
     @classmethod
     def from_config(
-        cls, data_cfg: Any, loader: LoaderSettings, *, seed: int, cache_dir: Path
+        cls,
+        data_cfg: Any,
+        loader: LoaderSettings,
+        *,
+        seed: int,
+        cache_dir: Path,
+        train_device: torch.device | str = "cpu",
     ) -> CaptionedImageDataModule:
         """Build from the ``data`` node of a Hydra config (a DictConfig or plain dict)."""
         raw = data_cfg
         if OmegaConf.is_config(data_cfg):
             raw = OmegaConf.to_container(data_cfg, resolve=True)
-        return cls(DataConfig.from_dict(raw), loader, seed=seed, cache_dir=cache_dir)
+        return cls(
+            DataConfig.from_dict(raw),
+            loader,
+            seed=seed,
+            cache_dir=cache_dir,
+            train_device=train_device,
+        )
 
     def prepare_data(self) -> None:
+        """Generate the synthetic set if asked for it; build stale or missing image caches
+        (Lightning runs this on one process only, before any rank opens them)."""
         if self.config.source == "synthetic":
             generate_synthetic_dataset(self.config.root, self.config.synthetic)
+        if self.uses_image_cache:
+            self.setup()
+            for split in ("train", "val"):
+                self._image_cache(split)
 
     def _index(self, split, subset: int | None) -> list[CaptionedImage]:
         records, report = build_caption_index(
@@ -112,6 +150,38 @@ class CaptionedImageDataModule(ResumableDataModule):
         self.train_records, self.val_records = train, val
         log.info("Data: %d training and %d validation images", len(train), len(val))
 
+    def _image_cache(self, split: str) -> ImageCache:
+        """One split's decoded-image cache, checked (and built if stale) once per process."""
+        if split not in self._image_caches:
+            digest = hashlib.sha1(str(self.config.root.resolve()).encode()).hexdigest()[:10]
+            folder = (
+                self.cache_dir
+                / "images"
+                / f"{self.config.source}-{digest}"
+                / f"{split}-{self.config.image_size}px"
+            )
+            self._image_caches[split] = ensure_image_cache(
+                folder,
+                self.train_records if split == "train" else self.val_records,
+                image_size_px=self.config.image_size,
+                batch_size=self.config.batch_size,
+                num_workers=self.loader.num_workers,
+            )
+        return self._image_caches[split]
+
+    def _dataset(
+        self, split: str, *, train: bool, randomness: StepRandomness = NO_RANDOMNESS
+    ) -> CaptionedImageDataset | CachedImageDataset:
+        records = self.train_records if split == "train" else self.val_records
+        hflip = self.config.hflip
+        if self.uses_image_cache:
+            return CachedImageDataset(
+                self._image_cache(split), records, train=train, hflip=hflip, randomness=randomness
+            )
+        return CaptionedImageDataset(
+            records, self.config.image_size, train=train, hflip=hflip, randomness=randomness
+        )
+
     def _common_loader_args(self) -> dict:
         return {
             **self.loader.dataloader_args(self.config.batch_size),
@@ -119,20 +189,14 @@ class CaptionedImageDataModule(ResumableDataModule):
         }
 
     def train_dataloader(self) -> ResumableDataLoader:
-        dataset = CaptionedImageDataset(
-            self.train_records,
-            self.config.image_size,
-            train=True,
-            hflip=self.config.hflip,
-            randomness=self.train_randomness,
-        )
+        dataset = self._dataset("train", train=True, randomness=self.train_randomness)
         return self.resumable_train_loader(dataset, seed=self.seed, **self._common_loader_args())
 
     def measurement_dataloader(self) -> DataLoader:
         """Training images without augmentation, in order: for measuring latent statistics."""
-        dataset = CaptionedImageDataset(self.train_records, self.config.image_size, train=False)
+        dataset = self._dataset("train", train=False)
         return DataLoader(dataset, shuffle=False, drop_last=False, **self._common_loader_args())
 
     def val_dataloader(self) -> DataLoader:
-        dataset = CaptionedImageDataset(self.val_records, self.config.image_size, train=False)
+        dataset = self._dataset("val", train=False)
         return DataLoader(dataset, shuffle=False, drop_last=False, **self._common_loader_args())

@@ -12,6 +12,7 @@ encoder and data config, and builds whatever is missing or stale: the image inde
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -85,7 +86,10 @@ class LatentDataModule(ResumableDataModule):
         self.vae_export = Path(vae_export)
         self.text_encoder = text_encoder
         self.encode_device = torch.device(encode_device)
-        self.images = CaptionedImageDataModule(data, loader, seed=seed, cache_dir=cache_dir)
+        # The image index only: stage 2 encodes images once, never through the image cache.
+        self.images = CaptionedImageDataModule(
+            dataclasses.replace(data, image_cache="off"), loader, seed=seed, cache_dir=cache_dir
+        )
         self.latents: dict[str, ImageLatentCache] = {}
         self.captions: CaptionHiddenStateCache | None = None
         # What each training step draws with its batch; the training module states it.

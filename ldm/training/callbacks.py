@@ -134,8 +134,10 @@ class ThroughputLogger(Callback):
 
     @staticmethod
     def _log(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        # Lightning writes a step's metrics under the count of steps before it; so do we.
+        step = max(trainer.global_step - 1, 0)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=step)
 
 
 def _wait_for_device(device: torch.device) -> None:

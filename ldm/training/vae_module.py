@@ -9,6 +9,7 @@ from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.data.batch_randomness import StepRandomness
+from ldm.data.transforms import to_model_range
 from ldm.models.vae import VAE, VAEConfig, count_parameters, vae_loss
 from ldm.training.fast_module import FastTrainingModule
 from ldm.training.optim import build_optimizer
@@ -75,7 +76,8 @@ class VAEModule(FastTrainingModule):
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor | None:
         if batch is None:  # every image of the batch was unreadable: skip the step
             return None
-        losses, latents = self._training_losses(batch["image"], batch["posterior_noise"])
+        images = to_model_range(batch["image"])  # uint8 from the image cache, on the device
+        losses, latents = self._training_losses(images, batch["posterior_noise"])
         for name, value in losses.items():
             self.window.add(f"train/{name}", value)
         if logging_due_after_this_step(self.trainer):
@@ -109,7 +111,7 @@ class VAEModule(FastTrainingModule):
         """Deterministic: reconstruct from the posterior mean, so runs compare exactly."""
         if batch is None:
             return
-        images = batch["image"]
+        images = to_model_range(batch["image"])
         posterior = self.vae.encode(images)
         reconstruction = self.vae.decode(posterior.mode())
         losses = vae_loss(reconstruction, images, posterior, self.kl_weight)
@@ -124,7 +126,7 @@ class VAEModule(FastTrainingModule):
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Inputs and their reconstructions (from the posterior mean), in [-1, 1]."""
-        images = batch["image"].to(self.device)
+        images = to_model_range(batch["image"].to(self.device))
         reconstructions = self.vae.decode(self.vae.encode(images).mode())
         return {"inputs": images, "reconstructions": reconstructions}
 

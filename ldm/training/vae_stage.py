@@ -135,7 +135,11 @@ def run_vae_stage(cfg: DictConfig, run_dir: Path | None = None) -> VAEStageResul
     """Train (unless ``train=false``), then measure latent statistics and export."""
     context = start_run(cfg, run_dir)
     datamodule = CaptionedImageDataModule.from_config(
-        cfg.data, context.device.loader, seed=context.seed, cache_dir=Path(cfg.paths.cache_dir)
+        cfg.data,
+        context.device.loader,
+        seed=context.seed,
+        cache_dir=Path(cfg.paths.cache_dir),
+        train_device=context.device.torch_device,  # data.image_cache=auto: on for CUDA
     )
     module = VAEModule(
         model=_container(cfg.model.vae),
