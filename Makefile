@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test demo lint format coco clean
+.PHONY: install test demo lint format coco clean bench
 
 # Re-installs only when pyproject.toml changed since the last install.
 $(INSTALLED): pyproject.toml
@@ -24,6 +24,11 @@ demo: install
 	$(PY) train_vae.py experiment=demo
 	$(PY) train_unet.py experiment=demo
 	$(PY) sample.py experiment=demo prompt="$(DEMO_PROMPT)" n=4
+
+# Every benchmark at sizes for the detected device → benchmarks/RESULTS.md (a few minutes on a
+# 2-core CPU). BENCH_ARGS passes flags on, e.g. make bench BENCH_ARGS="--device cpu".
+bench: install
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

@@ -1,7 +1,8 @@
 """Do samples follow their prompts? Reads background, shape colour, shape and size back from the
 pixels of images generated for synthetic-set prompts, for training and held-out combinations.
 
-    .venv/bin/python benchmarks/prompt_following.py [ckpt=runs/unet/latest] [n=2] [prompts=12]
+    .venv/bin/python benchmarks/prompt_following.py [--device auto] [ckpt=runs/unet/latest] [n=2]
+        [prompts=12]
 
 Any other ``key=value`` is a ``conf/sample.yaml`` override (e.g. ``cfg_scale=5 steps=50``).
 Prompts use the first caption template ("a small red circle on a blue background"); the
@@ -13,8 +14,8 @@ read from the images themselves): samples cannot show what the autoencoder loses
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
+from report import DEVICE_CHOICES, BenchmarkError, pick_device
 
 from ldm.data.synthetic import SIZES, SyntheticConfig, read_attributes, split_combinations
 from ldm.data.transforms import image_to_model_tensor
@@ -85,12 +87,25 @@ def _row(label: str, count: int, scores: dict[str, float]) -> str:
     return f"{label:12s} {count:3d} images  {shown}"
 
 
-def main(argv: list[str]) -> None:
-    options = dict(arg.split("=", 1) for arg in argv if arg.split("=", 1)[0] in ("prompts",))
-    overrides = [arg for arg in argv if arg.split("=", 1)[0] != "prompts"]
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--device", default="auto", choices=DEVICE_CHOICES, help="auto: CUDA, else MPS, else CPU"
+    )
+    parser.add_argument("overrides", nargs="*", help="prompts=N or conf/sample.yaml key=value")
+    args = parser.parse_args()
+    try:
+        device = pick_device(args.device)  # sampling then uses the device's profile precision
+    except BenchmarkError as error:
+        parser.error(str(error))
+    options = dict(arg.split("=", 1) for arg in args.overrides if arg.startswith("prompts="))
+    overrides = [arg for arg in args.overrides if not arg.startswith("prompts=")]
     num_prompts = int(options.get("prompts", 12))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("sample", ["experiment=demo", "n=2", "progress=false", *overrides])
+        cfg = compose(
+            "sample",
+            ["experiment=demo", "n=2", "progress=false", f"trainer={device.type}", *overrides],
+        )
     manifest = json.loads((Path(cfg.data.root) / "synthetic.json").read_text())
     train_combos, _ = split_combinations(SyntheticConfig(**manifest["config"]))
     heldout = [tuple(c) for c in manifest["heldout_combinations"]]
@@ -106,4 +121,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,11 +12,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.batch_randomness import StepRandomness, batch_generator
 from ldm.data.dataset import batch_as_is
 from ldm.devices import resolve_device
+from ldm.training.callbacks import ThroughputLogger
 from ldm.training.diffusion_module import LatentDiffusionModule
 from ldm.training.optim import build_optimizer
 from ldm.training.step_metrics import MetricWindow
@@ -259,3 +263,37 @@ def test_device_profiles_carry_the_speed_switches_and_check_the_compile_mode() -
     assert resolve_device(trainer_cfg | {"compile": "max-autotune"}).compile_mode == "max-autotune"
     with pytest.raises(ValueError, match=r"trainer\.compile must be one of"):
         resolve_device(trainer_cfg | {"compile": "fast"})
+
+
+def test_throughput_is_logged_per_window_without_the_validation_time(tmp_path) -> None:
+    class SlowValidation(LatentDiffusionModule):
+        def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+            time.sleep(1.0)  # a window that counted this would fall below 4 samples/s
+
+    torch.manual_seed(0)
+    module = SlowValidation(**tiny_module().hparams)
+    batches = CachedLatentBatches(BATCH * 4, module.step_randomness(train=True))
+    loader = DataLoader(batches, batch_size=BATCH, drop_last=True, collate_fn=batch_as_is)
+    val_loader = DataLoader(
+        CachedLatentBatches(BATCH, module.step_randomness(train=False)),
+        batch_size=BATCH,
+        collate_fn=batch_as_is,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        log_every_n_steps=3,
+        logger=CSVLogger(tmp_path, name="csv", version=""),
+        enable_checkpointing=False,
+        callbacks=[ThroughputLogger(batch_size_fn=lambda batch: len(batch["index"]))],
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    first_step = [row for row in rows if row["perf/first_step_seconds"]]
+    rates = [
+        float(row["perf/samples_per_second"]) for row in rows if row["perf/samples_per_second"]
+    ]
+    assert len(first_step) == 1
+    assert len(rates) == 4  # steps 3, 6, 9, 12 of 12; the windows span two validations
+    assert min(rates) > 4 * BATCH

@@ -90,22 +90,26 @@ class ThroughputLogger(Callback):
     """Samples per second of the training loop, logged every ``log_every_n_steps`` steps.
 
     Lightning's ThroughputMonitor synchronises the GPU after every batch. This one waits for
-    the GPU only at logging steps — where the training module reads its metrics, and so waits,
-    anyway — so each window's rate is the steady-state rate. The first step's wall time
-    (compilation, cuDNN autotuning and warm-up included) is logged once as
-    ``perf/first_step_seconds``; rates start after it.
+    the GPU only at logging steps (where the training module reads its metrics, and so waits,
+    anyway) and around validation, whose time it leaves out, so each window's rate is the
+    training loop's steady-state rate. The first step's wall time (compilation, cuDNN
+    autotuning and warm-up included) is logged once as ``perf/first_step_seconds``; rates start
+    after it.
     """
 
     def __init__(self, batch_size_fn: Callable[[Any], int]) -> None:
         self.batch_size_fn = batch_size_fn
-        self._window_start: float | None = None
-        self._samples = 0
         self._first_step_started: float | None = None
+        self._first_step_done = False
+        self._timing = False  # the clock runs: a training window, not validation
+        self._resumed_at = 0.0
+        self._seconds = 0.0
+        self._samples = 0
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._first_step_started is None and self._window_start is None:
+        if not self._first_step_done and self._first_step_started is None:
             self._first_step_started = time.perf_counter()
 
     def on_train_batch_end(
@@ -119,18 +123,29 @@ class ThroughputLogger(Callback):
         if self._first_step_started is not None:
             _wait_for_device(pl_module.device)
             seconds = time.perf_counter() - self._first_step_started
-            self._first_step_started = None
-            self._window_start = time.perf_counter()
+            self._first_step_started, self._first_step_done = None, True
+            self._timing, self._resumed_at = True, time.perf_counter()
             self._log(trainer, {"perf/first_step_seconds": seconds})
             return
         self._samples += self.batch_size_fn(batch) * trainer.world_size
-        if logging_due(trainer) and self._window_start is not None:
-            _wait_for_device(pl_module.device)
-            now = time.perf_counter()
-            self._log(
-                trainer, {"perf/samples_per_second": self._samples / (now - self._window_start)}
-            )
-            self._window_start, self._samples = now, 0
+        if logging_due(trainer) and self._timing:
+            self._pause(pl_module)
+            self._log(trainer, {"perf/samples_per_second": self._samples / self._seconds})
+            self._seconds, self._samples = 0.0, 0
+            self._timing, self._resumed_at = True, time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._timing:
+            self._pause(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._first_step_done:
+            self._timing, self._resumed_at = True, time.perf_counter()
+
+    def _pause(self, pl_module: L.LightningModule) -> None:
+        _wait_for_device(pl_module.device)
+        self._seconds += time.perf_counter() - self._resumed_at
+        self._timing = False
 
     @staticmethod
     def _log(trainer: L.Trainer, metrics: dict[str, float]) -> None:
