@@ -16,7 +16,7 @@ from ldm.pipeline import LatentDiffusionPipeline, SamplingOptions
 from ldm.training.ema import EMA
 from ldm.training.fast_module import FastTrainingModule
 from ldm.training.optim import build_optimizer
-from ldm.training.step_metrics import MetricWindow, logging_due_after_this_step
+from ldm.training.step_metrics import MetricWindow
 
 
 def timestep_buckets(t: Tensor, num_timesteps: int, num_buckets: int) -> Tensor:
@@ -94,6 +94,7 @@ class LatentDiffusionModule(FastTrainingModule):
         self._frozen = _FrozenModels()
         self._training_losses = self.compiled(self._losses)
         self._val_window = MetricWindow()
+        self._train_bucket_names = self._bucket_names("train")
 
     @property
     def trained(self) -> torch.nn.Module:
@@ -158,9 +159,7 @@ class LatentDiffusionModule(FastTrainingModule):
         )
         loss = losses.mean()
         self.window.add("train/loss", loss)
-        if logging_due_after_this_step(self.trainer):
-            # Buckets only at the logging step: a window of one batch, fine for a trend line.
-            self.window.add(self._bucket_names("train"), *self._bucket_sums(losses, t))
+        self.window.add(self._train_bucket_names, *self._bucket_sums(losses, t))
         return loss
 
     def _bucket_sums(self, losses: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
