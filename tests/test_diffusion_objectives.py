@@ -71,22 +71,45 @@ def test_mse_loss_is_the_mean_squared_error_per_sample():
     torch.testing.assert_close(loss, torch.tensor([0.25, 1.0, 4.0, 9.0]))
 
 
-@pytest.mark.parametrize(
-    ("prediction_type", "weight"),
-    [
-        ("epsilon", lambda snr, gamma: min(snr, gamma) / snr),
-        ("v_prediction", lambda snr, gamma: min(snr, gamma) / (snr + 1)),
-    ],
-)
-def test_min_snr_weights_the_squared_error_by_the_capped_snr(prediction_type, weight):
+def diffusers_min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """The weights diffusers' training scripts use, from its own ``compute_snr``."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(
+        num_train_timesteps=schedule.num_train_timesteps,
+        trained_betas=schedule.to(dtype=torch.float64).betas.numpy(),
+        prediction_type=schedule.prediction_type,
+    )
+    snr = compute_snr(scheduler, t).double()
+    if schedule.prediction_type == "v_prediction":
+        snr = snr + 1  # "Velocity objective requires that we add one to SNR values"
+    gamma = schedule.config.min_snr_gamma
+    return (torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr).float()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_diffusers(prediction_type):
     schedule = schedule64(prediction_type=prediction_type, loss_weighting="min_snr")
     x0, noise, t = fixed_draws()
 
     loss = diffusion_loss(Oracle(schedule, x0, noise, 1.0), schedule, x0, None, t=t, noise=noise)
 
-    snr = schedule.snr[t].tolist()
-    expected = torch.tensor([weight(value, 5.0) for value in snr], dtype=torch.float32)
-    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss, diffusers_min_snr_weights(schedule, t))
+
+
+def test_min_snr_with_v_prediction_trains_the_zero_terminal_snr_step():
+    """At ᾱ_T = 0 the weight must not vanish: sampling starts from exactly that timestep."""
+    schedule = schedule64(
+        prediction_type="v_prediction", loss_weighting="min_snr", rescale_zero_terminal_snr=True
+    )
+    t = torch.arange(schedule.num_train_timesteps)
+
+    weights = loss_weights(schedule, t)
+
+    assert schedule.alpha_bar(schedule.num_train_timesteps - 1) == 0
+    assert weights[-1] == 1
+    torch.testing.assert_close(weights, diffusers_min_snr_weights(schedule, t))
 
 
 def test_min_snr_caps_only_the_nearly_clean_timesteps():

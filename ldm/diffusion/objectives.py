@@ -24,9 +24,10 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor) -> Tensor:
     """Per-sample weight (B,) on the squared error at timesteps ``t``.
 
     min-SNR-γ (Hang et al. 2023) caps the weight of nearly clean timesteps, which otherwise
-    dominate the gradient. Expressed as an x0-space weight min(SNR, γ), it becomes
-    min(SNR, γ)/SNR on an ε target and min(SNR, γ)/(SNR + 1) on a v target, because
-    ‖ε̂ - ε‖² = SNR·‖x̂0 - x0‖² and ‖v̂ - v‖² = (SNR + 1)·‖x̂0 - x0‖².
+    dominate the gradient: min(SNR, γ)/SNR on an ε target. A v target's error already carries a
+    factor SNR + 1, so its weight is min(SNR + 1, γ)/(SNR + 1), as in diffusers' training
+    scripts: 1 at zero terminal SNR, where min(SNR, γ)/(SNR + 1) would be 0 and leave the very
+    timestep sampling starts from untrained.
     """
     return _weight_table(schedule.config, t.device)[t]
 
@@ -39,8 +40,9 @@ def _weight_table(config: ScheduleConfig, device: torch.device) -> Tensor:
         return torch.ones(config.num_train_timesteps, device=device)
     alphas_cumprod = torch.cumprod(1 - betas_from_config(config), dim=0)
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    capped = snr.clamp(max=config.min_snr_gamma)
-    weights = capped / (snr + 1) if config.prediction_type == "v_prediction" else capped / snr
+    if config.prediction_type == "v_prediction":
+        snr = snr + 1
+    weights = snr.clamp(max=config.min_snr_gamma) / snr
     return weights.float().to(device)
 
 
