@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from ldm.data.datamodule import LoaderSettings
+from ldm.pipeline import COMPILE_MODES
 
 log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 class DeviceUnavailableError(RuntimeError):
