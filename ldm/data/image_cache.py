@@ -36,7 +36,12 @@ from ldm.data.batch_randomness import (
 from ldm.data.coco_index import CaptionedImage
 from ldm.data.dataset import collate_skipping_unreadable
 from ldm.data.images import ImageReadError, read_rgb_image
-from ldm.data.latent_store import building_cache, cache_is_current, open_array, read_metadata
+from ldm.data.latent_store import (
+    building_cache,
+    cache_is_current,
+    complete_cache_metadata,
+    open_array,
+)
 from ldm.data.transforms import image_to_uint8_tensor
 from ldm.progress import progress_bar
 
@@ -94,12 +99,11 @@ class ImageCache:
     @classmethod
     def open(cls, folder: Path) -> ImageCache:
         folder = Path(folder)
-        metadata = read_metadata(folder)
-        if metadata is None or metadata.get("kind") != DECODED_IMAGES_KIND:
-            raise FileNotFoundError(
-                f"No decoded-image cache at {folder}. Build it with "
-                "CaptionedImageDataModule.prepare_data() (training does this first)."
-            )
+        metadata = complete_cache_metadata(
+            folder,
+            DECODED_IMAGES_KIND,
+            "Build it with CaptionedImageDataModule.prepare_data() (training does this first).",
+        )
         return cls(
             folder=folder,
             metadata=metadata,

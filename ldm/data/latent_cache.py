@@ -28,10 +28,15 @@ from torch.utils.data import DataLoader
 
 from ldm.data.coco_index import CaptionedImage
 from ldm.data.dataset import CaptionedImageDataset, batch_as_is
-from ldm.data.latent_store import building_cache, open_array, read_metadata
+from ldm.data.latent_store import (
+    building_cache,
+    complete_cache_metadata,
+    open_array,
+)
 from ldm.models.vae import VAE
 from ldm.progress import progress_bar
 
+STAGE2_BUILD_HINT = "Build it with LatentDataModule.prepare_data() (train_unet.py does this first)."
 IMAGE_LATENTS_KIND = "image_latents"
 
 
@@ -62,12 +67,11 @@ class ImageLatentCache:
     @classmethod
     def open(cls, folder: Path) -> ImageLatentCache:
         folder = Path(folder)
-        metadata = read_metadata(folder)
-        if metadata is None or metadata.get("kind") != IMAGE_LATENTS_KIND:
-            raise FileNotFoundError(
-                f"No image-latent cache at {folder}. Build it with LatentDataModule.prepare_data() "
-                "(train_unet.py does this before training)."
-            )
+        metadata = complete_cache_metadata(
+            folder,
+            IMAGE_LATENTS_KIND,
+            STAGE2_BUILD_HINT,
+        )
         captions = json.loads((folder / "captions.json").read_text(encoding="utf-8"))
         return cls(
             folder=folder,

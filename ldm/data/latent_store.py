@@ -94,6 +94,15 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
     return metadata if isinstance(metadata, dict) else None
 
 
+def complete_cache_metadata(folder: Path, kind: str, build_hint: str) -> dict[str, Any]:
+    """The ``cache.json`` of the complete ``kind`` cache in ``folder``, or an error that says
+    how to build one (``build_hint``)."""
+    metadata = read_metadata(folder)
+    if metadata is None or metadata.get("kind") != kind:
+        raise FileNotFoundError(f"No {kind} cache at {folder}. {build_hint}")
+    return metadata
+
+
 def cache_is_current(folder: Path, kind: str, key: dict[str, Any], policy: str) -> bool:
     """True when ``folder`` holds a complete ``kind`` cache built for ``key``.
 

@@ -32,8 +32,12 @@ from typing import Any
 import numpy as np
 
 from ldm.data.coco_index import CaptionedImage
-from ldm.data.latent_cache import records_fingerprint
-from ldm.data.latent_store import building_cache, open_array, read_metadata
+from ldm.data.latent_cache import STAGE2_BUILD_HINT, records_fingerprint
+from ldm.data.latent_store import (
+    building_cache,
+    complete_cache_metadata,
+    open_array,
+)
 from ldm.progress import progress_bar
 from ldm.text.encoder import FrozenTextEncoder
 
@@ -95,12 +99,11 @@ class CaptionHiddenStateCache:
     @classmethod
     def open(cls, folder: Path) -> CaptionHiddenStateCache:
         folder = Path(folder)
-        metadata = read_metadata(folder)
-        if metadata is None or metadata.get("kind") != CAPTION_STATES_KIND:
-            raise FileNotFoundError(
-                f"No caption hidden-state cache at {folder}. Build it with "
-                "LatentDataModule.prepare_data() (train_unet.py does this before training)."
-            )
+        metadata = complete_cache_metadata(
+            folder,
+            CAPTION_STATES_KIND,
+            STAGE2_BUILD_HINT,
+        )
         return cls(
             folder=folder,
             metadata=metadata,
