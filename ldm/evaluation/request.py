@@ -1,0 +1,216 @@
+"""What the user asked ``evaluate.py`` for, checked once before any model or image is loaded.
+
+Checks that need the checkpoint (steps ≤ T) happen once it is loaded; everything else that can
+be wrong in ``conf/evaluate.yaml`` is refused here with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ldm.diffusion import SAMPLERS
+from ldm.evaluation.clip_score import ClipScoreSettings
+from ldm.evaluation.errors import EvaluationError
+from ldm.evaluation.fid import FidSettings
+from ldm.pipeline import SamplingOptions
+
+UNET_METRICS = ("fid", "clip_score", "adherence")  # need samples from a U-Net checkpoint
+VAE_METRICS = ("reconstruction",)
+METRICS = (*UNET_METRICS, *VAE_METRICS)
+LOGGERS = ("none", "wandb")  # the sweep's table and plot are images: CSV cannot hold them
+
+
+@dataclass(frozen=True)
+class SweepSetting:
+    """One point of the guidance sweep."""
+
+    sampler: str
+    steps: int
+    cfg_scale: float
+
+    @property
+    def options(self) -> SamplingOptions:
+        return SamplingOptions(sampler=self.sampler, steps=self.steps, cfg_scale=self.cfg_scale)
+
+    @property
+    def label(self) -> str:
+        return f"{self.sampler} {self.steps} steps, cfg {self.cfg_scale:g}"
+
+    @property
+    def slug(self) -> str:
+        """A folder name for the setting's samples, e.g. ``ddim-25steps-cfg7.5``."""
+        return f"{self.sampler}-{self.steps}steps-cfg{self.cfg_scale:g}"
+
+
+@dataclass(frozen=True)
+class AdherenceSettings:
+    """``conf/evaluate.yaml``'s ``adherence`` group."""
+
+    prompts: int = 12  # per split (training and held-out combinations)
+    images_per_prompt: int = 2
+    vae_ceiling_images: int = 100
+    analyser_check_images: int = 200
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    metrics: tuple[str, ...]
+    ckpt: Path
+    weights: str
+    vae_export: Path | None
+    settings: tuple[SweepSetting, ...]  # every cfg_scale × every steps value
+    num_samples: int  # generated images per setting for FID and CLIP score
+    captions_file: Path | None
+    num_real_images: int | None  # validation images in FID's real set; None → all
+    resolution_px: int | None  # None → the model's own image size
+    seed: int
+    batch_size: int
+    fid: FidSettings
+    clip_score: ClipScoreSettings
+    adherence: AdherenceSettings
+    reconstruction_images: int | None  # None → every validation image
+    out_dir: Path
+    progress: bool
+
+    @property
+    def needs_unet(self) -> bool:
+        return any(metric in UNET_METRICS for metric in self.metrics)
+
+    @property
+    def needs_captions(self) -> bool:
+        """FID and CLIP score are measured on samples of one fixed caption list."""
+        return "fid" in self.metrics or "clip_score" in self.metrics
+
+
+def request_from_config(cfg: DictConfig) -> EvaluationRequest:
+    """Parse and check ``conf/evaluate.yaml``'s keys (the data group is read where it is used)."""
+    metrics = _metrics(cfg.metrics)
+    logger_kind = cfg.logger.get("kind")
+    if logger_kind not in LOGGERS:
+        raise EvaluationError(
+            f"logger={logger_kind} cannot record the sweep's table and plot; evaluation "
+            f"supports {' | '.join(LOGGERS)} (results.json, results.md and sweep.png are written "
+            "either way)."
+        )
+    sampler = cfg.sampler
+    if sampler not in SAMPLERS:
+        raise EvaluationError(
+            f"sampler={sampler!r} is not supported; choose one of {', '.join(SAMPLERS)}."
+        )
+    cfg_scales = [_number("cfg_scales", value) for value in _list("cfg_scales", cfg.cfg_scales)]
+    if any(scale < 0 for scale in cfg_scales):
+        raise EvaluationError(
+            f"cfg_scales={cfg_scales} has a negative scale: 1 means no guidance, larger values "
+            "follow the prompt more closely (e.g. cfg_scales=[1,3,7.5])."
+        )
+    steps = [_positive_int("steps", value) for value in _list("steps", cfg.steps)]
+    num_samples = _positive_int("num_samples", cfg.num_samples)
+    if "fid" in metrics and num_samples < 2:
+        raise EvaluationError(
+            f"num_samples={num_samples}: FID compares covariances, which need at least 2 "
+            "generated images (a few thousand for a stable number; FID is biased upwards for "
+            "small sets, so compare FIDs only at the same num_samples)."
+        )
+    num_real = _optional(cfg.num_real_images, lambda v: _positive_int("num_real_images", v))
+    if "fid" in metrics and num_real is not None and num_real < 2:
+        raise EvaluationError(f"num_real_images={num_real}: FID needs at least 2 real images.")
+    captions_file = _optional(cfg.captions_file, Path)
+    if captions_file is not None and not captions_file.is_file():
+        raise EvaluationError(
+            f"captions_file={captions_file} does not exist; give a UTF-8 text file with one "
+            "caption per line, or null to use the validation captions."
+        )
+    adherence = AdherenceSettings(
+        **{key: _positive_int(f"adherence.{key}", value) for key, value in cfg.adherence.items()}
+    )
+    return EvaluationRequest(
+        metrics=metrics,
+        ckpt=Path(cfg.ckpt),
+        weights=str(cfg.weights),
+        vae_export=_optional(cfg.vae_export, Path),
+        settings=tuple(SweepSetting(sampler, n, scale) for scale in cfg_scales for n in steps),
+        num_samples=num_samples,
+        captions_file=captions_file,
+        num_real_images=num_real,
+        resolution_px=_optional(cfg.resolution, _resolution),
+        seed=_int("seed", cfg.seed),
+        batch_size=_positive_int("batch_size", cfg.batch_size),
+        fid=FidSettings(
+            feature_dim=_int("fid.feature_dim", cfg.fid.feature_dim),
+            weights_file=_optional(cfg.fid.weights_file, Path),
+        ),
+        clip_score=ClipScoreSettings(
+            model_name=str(cfg.clip_score.model_name),
+            pretrained=_optional(cfg.clip_score.pretrained, str),
+            weights_file=_optional(cfg.clip_score.weights_file, Path),
+        ),
+        adherence=adherence,
+        reconstruction_images=_optional(
+            cfg.reconstruction.num_images, lambda v: _positive_int("reconstruction.num_images", v)
+        ),
+        out_dir=Path(cfg.out_dir),
+        progress=bool(cfg.progress),
+    )
+
+
+def read_captions_file(path: Path) -> list[str]:
+    """One caption per non-blank line."""
+    captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    captions = [caption for caption in captions if caption]
+    if not captions:
+        raise EvaluationError(
+            f"captions_file={path} holds no captions (only blank lines); give one per line."
+        )
+    return captions
+
+
+def _metrics(value: Any) -> tuple[str, ...]:
+    names = [value] if isinstance(value, str) else _list("metrics", value)
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise EvaluationError(
+            f"Unknown metric(s) {unknown}; choose from {', '.join(METRICS)}, e.g. "
+            "metrics=[fid,clip_score] for a U-Net or metrics=[reconstruction] for a VAE."
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def _list(name: str, value: Any) -> list[Any]:
+    if not isinstance(value, list | tuple | ListConfig) or not len(value):
+        raise EvaluationError(f"{name} must be a non-empty list, e.g. {name}=[...]; got {value!r}.")
+    return list(
+        OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
+    )
+
+
+def _optional(value: Any, parse: Any) -> Any:
+    return None if value is None else parse(value)
+
+
+def _resolution(value: Any) -> int:
+    pixels = _positive_int("resolution", value)
+    if pixels < 16:
+        raise EvaluationError(f"resolution={pixels} px is too small to judge images; use ≥ 16.")
+    return pixels
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EvaluationError(f"{name} must be an integer, got {value!r}.")
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if _int(name, value) < 1:
+        raise EvaluationError(f"{name} must be at least 1, got {value}.")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise EvaluationError(f"{name} must hold numbers, got {value!r}.")
+    return float(value)
