@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +23,11 @@ class RunContext:
     run_dir: Path
     device: DeviceSettings
     seed: int
+
+
+def wandb_offline_requested(logger_cfg: dict[str, Any]) -> bool:
+    """``logger.offline=true`` or WANDB_MODE=offline/dryrun both mean: record locally only."""
+    return bool(logger_cfg.get("offline")) or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
 
 
 def current_run_dir() -> Path:

@@ -11,8 +11,17 @@ os.environ["WANDB_SILENT"] = "true"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_DIR", "/tmp")
 
+import json
+
+import open_clip
 import pytest
-from helpers import COCO_SAMPLE, SMALL_SYNTHETIC, synthetic_run_overrides
+from helpers import (
+    COCO_SAMPLE,
+    SMALL_SYNTHETIC,
+    TINY_CLIP,
+    TINY_CLIP_CONFIG,
+    synthetic_run_overrides,
+)
 
 from ldm.data.synthetic import generate_synthetic_dataset
 
@@ -37,3 +46,11 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic_overrides(synthetic_root: Path, tmp_path: Path) -> list[str]:
     """Hydra overrides that point a run at the small synthetic set and a temporary root."""
     return synthetic_run_overrides(synthetic_root, tmp_path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_clip_registered(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Makes ``helpers.TINY_CLIP`` an open_clip model name, for every test."""
+    folder = tmp_path_factory.mktemp("open_clip_configs")
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(folder)

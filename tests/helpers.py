@@ -18,6 +18,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 COCO_SAMPLE = REPO_ROOT.parent / "shared" / "fixtures" / "coco-sample"
 SMALL_SYNTHETIC = SyntheticConfig(num_train=48, num_val=16, num_heldout=12, seed=3)
+# A CLIP small enough to build in milliseconds; same tokenizer and causal text transformer.
+# conftest.py registers it with open_clip for every test.
+TINY_CLIP = "ldm-test-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
 
 
 def synthetic_run_overrides(synthetic_root: Path, root_dir: Path) -> list[str]:

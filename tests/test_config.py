@@ -9,8 +9,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from ldm.devices import DeviceUnavailableError, resolve_device
-from ldm.runs import start_run
-from ldm.training.loggers import build_logger, wandb_offline_requested
+from ldm.runs import start_run, wandb_offline_requested
+from ldm.training.loggers import build_logger
 
 DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
 

@@ -19,15 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics.functional.image.lpips as lpips_module
-from helpers import REPO_ROOT, compose_config, synthetic_run_overrides
+from helpers import REPO_ROOT, TINY_CLIP, compose_config, synthetic_run_overrides
 from omegaconf import DictConfig
 from PIL import Image
-from test_sample import (  # the sampling tests' tiny exports and tiny CLIP
-    TINY_CLIP,
+from test_sample import (  # the sampling tests' tiny exports
     Exports,
     make_exports,
     one_torch_thread,  # noqa: F401  (autouse fixture: one thread for tiny models)
-    tiny_clip_registered,  # noqa: F401  (autouse fixture: registers TINY_CLIP with open_clip)
 )
 from torch import nn
 

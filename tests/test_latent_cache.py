@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
-from helpers import CONF_DIR, SMALL_SYNTHETIC
+from helpers import CONF_DIR, SMALL_SYNTHETIC, TINY_CLIP, TINY_CLIP_CONFIG
 from omegaconf import OmegaConf
 
 from ldm.checkpoints import load_vae_export, save_vae_export
@@ -35,19 +33,6 @@ STATS = {
     "num_latents": 1,
     "sampled_posterior": True,
 }
-TINY_CLIP = "ldm-test-tiny-clip-cache"
-TINY_CLIP_CONFIG = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_clip_registered(tmp_path_factory: pytest.TempPathFactory) -> None:
-    folder = tmp_path_factory.mktemp("open_clip_configs")
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(folder)
 
 
 def tiny_text_encoder(seed: int = 0) -> TextEncoderConfig:

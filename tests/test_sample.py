@@ -17,10 +17,9 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-import open_clip
 import pytest
 import torch
-from helpers import REPO_ROOT, compose_config
+from helpers import REPO_ROOT, TINY_CLIP, compose_config
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -37,13 +36,6 @@ from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE, VAEConfig
 from ldm.sampling import labelled_grid, read_png_metadata, run_sampling
 
-# A CLIP small enough to build in milliseconds; same tokenizer and causal text transformer.
-TINY_CLIP = "ldm-test-sample-clip"
-TINY_CLIP_CONFIG = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 TINY_VAE = VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8)
 TINY_UNET = UNetConfig(
     model_channels=16,
@@ -123,13 +115,6 @@ def make_exports(root: Path) -> Exports:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_clip_registered(tmp_path_factory: pytest.TempPathFactory) -> None:
-    folder = tmp_path_factory.mktemp("open_clip_configs")
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(folder)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,7 +11,7 @@ import huggingface_hub
 import open_clip
 import pytest
 import torch
-from helpers import CONF_DIR
+from helpers import CONF_DIR, TINY_CLIP
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -21,21 +21,7 @@ from ldm.text import (
     TextEncoderWeightsUnavailableError,
 )
 
-# A CLIP small enough to build in milliseconds; same tokenizer and causal text transformer.
-TINY_CLIP = "ldm-test-tiny-clip"
-TINY_CLIP_CONFIG = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 PROMPTS = ["a small red circle on a blue background", "two dogs playing in the snow"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_clip_registered(tmp_path_factory: pytest.TempPathFactory) -> None:
-    folder = tmp_path_factory.mktemp("open_clip_configs")
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(folder)
 
 
 def tiny_config(**changes: object) -> TextEncoderConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from helpers import compose_config, run_whole_interrupted_and_resumed, synthetic
 from ldm.checkpoints import load_unet_export, read_unet_metadata, save_vae_export
 from ldm.models.vae import VAE, VAEConfig
 from ldm.training.diffusion_module import LatentDiffusionModule
-from ldm.training.unet_stage import check_inputs_fit, run_unet_stage
+from ldm.training.unet_stage import _adherence_curves, check_inputs_fit, run_unet_stage
 
 TINY_VAE = VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8)
 TINY = [
@@ -249,3 +250,32 @@ def test_a_run_resumed_mid_epoch_repeats_the_uninterrupted_one_exactly(
         torch.testing.assert_close(
             resumed["state_dict"][name], tensor, rtol=0, atol=0, equal_nan=True, msg=name
         )
+
+
+def test_prompt_adherence_is_logged_as_a_training_curve(
+    synthetic_overrides, vae_export, tmp_path
+) -> None:
+    cfg = tiny_cfg(
+        synthetic_overrides,
+        vae_export,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4",
+        "logger=csv",
+        "evaluation.every_n_steps=2",
+        "evaluation.prompts_per_split=3",
+        "evaluation.sampling.steps=2",
+    )
+    result = run_unet_stage(cfg, run_dir=tmp_path / "run")
+    rows = list(csv.DictReader((result.run_dir / "csv" / "metrics.csv").open()))
+    curve = [row for row in rows if row.get("eval/adherence_heldout_background")]
+    assert [int(row["step"]) for row in curve] == [1, 3]  # after optimizer steps 2 and 4
+    for row in curve:
+        for split in ("train", "heldout"):
+            for attribute in ("background", "color", "shape", "size"):
+                assert 0 <= float(row[f"eval/adherence_{split}_{attribute}"]) <= 1
+
+
+def test_adherence_curves_refuse_data_that_cannot_be_judged(tmp_path) -> None:
+    cfg = compose_config("train_unet", ["data=coco", "evaluation.every_n_steps=100"])
+    with pytest.raises(ValueError, match=r"only the synthetic set can judge"):
+        _adherence_curves(cfg, text_encoder=None, num_positions=8)

@@ -6,17 +6,13 @@ loggers): the run is recorded under the evaluation's directory for a later ``wan
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import wandb
 
 from ldm.evaluation.results import sweep_table
-
-
-def wandb_offline_requested(logger_cfg: dict[str, Any]) -> bool:
-    return bool(logger_cfg.get("offline")) or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+from ldm.runs import wandb_offline_requested
 
 
 def log_to_wandb(

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from ldm.runs import wandb_offline_requested
+
 log = logging.getLogger(__name__)
 
 LOGGER_KINDS = ("wandb", "csv", "none")
-
-
-def wandb_offline_requested(logger_cfg: dict[str, Any]) -> bool:
-    """``logger.offline=true`` or WANDB_MODE=offline/dryrun both mean: record locally only."""
-    return bool(logger_cfg.get("offline")) or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
 
 
 def build_logger(logger_cfg: dict[str, Any], run_dir: Path) -> Logger | None:

@@ -14,8 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoints import load_vae_export, save_unet_export
 from ldm.data.latent_datamodule import LatentDataModule
+from ldm.evaluation.adherence import prompt_sets
 from ldm.runs import point_latest_at, start_run
 from ldm.text import FrozenTextEncoder, TextEncoderConfig
+from ldm.training.adherence_curves import AdherenceCurves
 from ldm.training.callbacks import ImageLogger, ThroughputLogger
 from ldm.training.checkpointing import checkpoint_callbacks
 from ldm.training.diffusion_module import LatentDiffusionModule
@@ -87,6 +89,35 @@ def _callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool) -> tuple[list,
     return callbacks, best
 
 
+def _adherence_curves(
+    cfg: DictConfig, text_encoder: FrozenTextEncoder, num_positions: int
+) -> AdherenceCurves | None:
+    """The adherence callback of ``cfg.evaluation``, its prompts encoded now (the text encoder
+    is released before training), or None when it is off."""
+    every = cfg.evaluation.every_n_steps
+    if every is None:
+        return None
+    if cfg.data.source != "synthetic":
+        raise ValueError(
+            f"evaluation.every_n_steps={every} measures prompt adherence, which only the "
+            f"synthetic set can judge (data.source={cfg.data.source!r}): set "
+            "evaluation.every_n_steps=null, or train on data=synthetic."
+        )
+    prompts = prompt_sets(Path(cfg.data.root), cfg.evaluation.prompts_per_split)
+    contexts = {
+        split: text_encoder.encode_hidden_states(list(asked), num_positions)
+        for split, asked in prompts.items()
+    }
+    return AdherenceCurves(
+        prompts,
+        contexts,
+        every_n_steps=every,
+        sampling=_container(cfg.evaluation.sampling),
+        images_per_prompt=cfg.evaluation.images_per_prompt,
+        seed=cfg.evaluation.seed,
+    )
+
+
 def _export(
     cfg: DictConfig, module: LatentDiffusionModule, vae_export: Path, vae_sha256: str, run_dir: Path
 ) -> Path:
@@ -130,6 +161,7 @@ def run_unet_stage(cfg: DictConfig, run_dir: Path | None = None) -> UNetStageRes
     text_encoder = FrozenTextEncoder(TextEncoderConfig.from_dict(_container(cfg.text_encoder)))
     prompts = list(cfg.validation.prompts)
     sample_context = text_encoder.encode_hidden_states(prompts, datamodule.text_num_positions)
+    adherence = _adherence_curves(cfg, text_encoder, datamodule.text_num_positions)
     del text_encoder  # ~250 MB we no longer need: training reads the caption cache
 
     # Building the caches may or may not have drawn random numbers: re-seed so that the initial
@@ -168,6 +200,8 @@ def run_unet_stage(cfg: DictConfig, run_dir: Path | None = None) -> UNetStageRes
     if logger is not None:
         logger.log_hyperparams({"unet_parameters": module.num_parameters})
     callbacks, _ = _callbacks(cfg, context.run_dir, with_logger=logger is not None)
+    if adherence is not None:
+        callbacks.append(adherence)
     trainer = build_trainer(
         _container(cfg.trainer),
         context.device,
