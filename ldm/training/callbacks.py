@@ -97,8 +97,11 @@ class ThroughputLogger(Callback):
     after it.
     """
 
-    def __init__(self, batch_size_fn: Callable[[Any], int]) -> None:
+    def __init__(
+        self, batch_size_fn: Callable[[Any], int], clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.batch_size_fn = batch_size_fn
+        self.clock = clock
         self._first_step_started: float | None = None
         self._first_step_done = False
         self._timing = False  # the clock runs: a training window, not validation
@@ -110,7 +113,7 @@ class ThroughputLogger(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self._first_step_done and self._first_step_started is None:
-            self._first_step_started = time.perf_counter()
+            self._first_step_started = self.clock()
 
     def on_train_batch_end(
         self,
@@ -122,9 +125,9 @@ class ThroughputLogger(Callback):
     ) -> None:
         if self._first_step_started is not None:
             _wait_for_device(pl_module.device)
-            seconds = time.perf_counter() - self._first_step_started
+            seconds = self.clock() - self._first_step_started
             self._first_step_started, self._first_step_done = None, True
-            self._timing, self._resumed_at = True, time.perf_counter()
+            self._timing, self._resumed_at = True, self.clock()
             self._log(trainer, {"perf/first_step_seconds": seconds})
             return
         self._samples += self.batch_size_fn(batch) * trainer.world_size
@@ -132,7 +135,7 @@ class ThroughputLogger(Callback):
             self._pause(pl_module)
             self._log(trainer, {"perf/samples_per_second": self._samples / self._seconds})
             self._seconds, self._samples = 0.0, 0
-            self._timing, self._resumed_at = True, time.perf_counter()
+            self._timing, self._resumed_at = True, self.clock()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._timing:
@@ -140,11 +143,11 @@ class ThroughputLogger(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._first_step_done:
-            self._timing, self._resumed_at = True, time.perf_counter()
+            self._timing, self._resumed_at = True, self.clock()
 
     def _pause(self, pl_module: L.LightningModule) -> None:
         _wait_for_device(pl_module.device)
-        self._seconds += time.perf_counter() - self._resumed_at
+        self._seconds += self.clock() - self._resumed_at
         self._timing = False
 
     @staticmethod
