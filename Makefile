@@ -19,11 +19,9 @@ test: install
 
 DEMO_PROMPT ?= a small red circle on a blue background
 
+# Data → VAE → U-Net → samples → adherence evaluation, then a summary (times, table, grid).
 demo: install
-	$(PY) -m ldm.data.synthetic --root data/synthetic
-	$(PY) train_vae.py experiment=demo
-	$(PY) train_unet.py experiment=demo
-	$(PY) sample.py experiment=demo prompt="$(DEMO_PROMPT)" n=4
+	$(PY) demo.py --prompt "$(DEMO_PROMPT)"
 
 # Every benchmark at sizes for the detected device → benchmarks/RESULTS.md (a few minutes on a
 # 2-core CPU). BENCH_ARGS passes flags on, e.g. make bench BENCH_ARGS="--device cpu".

@@ -2,7 +2,7 @@
 
 python train_unet.py [overrides]        e.g. experiment=demo trainer=cuda data.subset=40000
 python train_unet.py vae_export=runs/vae/<run>/export   (default: the latest VAE run)
-python train_unet.py ckpt_path=runs/unet/<run>/checkpoints/last.ckpt   (resume)
+python train_unet.py ckpt_path=last     resume the latest run (or ckpt_path=<file>.ckpt)
 """
 
 import hydra

@@ -1,6 +1,7 @@
 """Stage 1: train the β-VAE, measure its latent scale, export it for stage 2.
 
 python train_vae.py [overrides]              e.g. experiment=demo trainer=cuda data.subset=40000
+python train_vae.py ckpt_path=last           resume the latest run (or ckpt_path=<file>.ckpt)
 python train_vae.py train=false ckpt_path=…  measure and export an existing checkpoint
 """
 

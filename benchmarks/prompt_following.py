@@ -2,12 +2,16 @@
 pixels of images generated for synthetic-set prompts, for training and held-out combinations.
 
     .venv/bin/python benchmarks/prompt_following.py [--device auto] [ckpt=runs/unet/latest] [n=2]
-        [prompts=12]
+        [prompts=12] [data=synthetic_b]
 
 Any other ``key=value`` is a ``conf/sample.yaml`` override (e.g. ``cfg_scale=5 steps=50``).
 The measurement is ``ldm.evaluation.adherence`` (also ``evaluate.py metrics=[adherence]``): the
 analyser is first checked on the generator's own images, then judges each sample against its
 prompt; chance levels and the VAE ceiling (what survives a VAE round trip) stand beside it.
+
+``data=synthetic_b`` judges a model trained on variant b of the synthetic set (pass the data
+option the model was trained with): the prompts, held-out combinations and the analyser's
+palette all come from that set's ``synthetic.json``.
 """
 
 from __future__ import annotations
@@ -66,7 +70,11 @@ def main() -> None:
             for path in run_sampling(cfg).image_paths:
                 yield read_png_metadata(path)["prompt"], Image.open(path).convert("RGB")
 
-    print(f"{cfg.ckpt} | {cfg.sampler}, {cfg.steps} steps, cfg_scale {cfg.cfg_scale}, n={cfg.n}")
+    variant = adherence.dataset_config(root).variant
+    print(
+        f"{cfg.ckpt} | synthetic variant {variant} ({root}) | {cfg.sampler}, {cfg.steps} steps, "
+        f"cfg_scale {cfg.cfg_scale}, n={cfg.n}"
+    )
     print(_row("analyser", check.accuracy, check.num_images))
     scores = adherence.measure_adherence(
         adherence.prompt_sets(root, int(options.get("prompts", 12))), samples

@@ -115,8 +115,18 @@ def load_vae_export(
     return vae.to(map_location).eval(), metadata
 
 
+def read_vae_metadata(directory_or_json_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked ``vae.json`` of an export, without loading the weights: enough to validate
+    a run's inputs or a latent cache before any work."""
+    metadata_path, _ = _export_paths(Path(directory_or_json_path))
+    return _read_metadata(metadata_path, MODEL_TYPE)
+
+
 def _export_paths(path: Path) -> tuple[Path, Path]:
     """Accept either the export directory or its JSON file; both files must exist."""
+    mistaken = _mistaken_for_vae_export(path)
+    if mistaken:
+        raise ValueError(mistaken)
     metadata_path = path if path.suffix == ".json" else path / METADATA_FILENAME
     weights_path = metadata_path.parent / WEIGHTS_FILENAME
     for required in (metadata_path, weights_path):
@@ -127,6 +137,32 @@ def _export_paths(path: Path) -> tuple[Path, Path]:
                 f"{METADATA_FILENAME} and {WEIGHTS_FILENAME}."
             )
     return metadata_path, weights_path
+
+
+def _mistaken_for_vae_export(path: Path) -> str | None:
+    """What to say when ``path`` is recognisably something else than a VAE export: a U-Net
+    export or run (both stages write ``runs/<stage>/<run>/export``), a VAE run directory, or a
+    checkpoint file."""
+    for candidate in (
+        path,
+        path / UNET_METADATA_FILENAME,
+        path / "export" / UNET_METADATA_FILENAME,
+    ):
+        if candidate.name == UNET_METADATA_FILENAME and candidate.is_file():
+            return (
+                f"{path} belongs to a U-Net export (train_unet.py wrote {candidate}), not a VAE "
+                "export. Point vae_export at the folder train_vae.py exported: "
+                "runs/vae/<run>/export (runs/vae/latest/export is the newest)."
+            )
+    if (path / "export" / METADATA_FILENAME).is_file():
+        return f"{path} is a VAE run directory, not its export: use vae_export={path / 'export'}"
+    if path.is_file() and path.suffix != ".json":
+        return (
+            f"{path} is a file, not a VAE export folder (vae.json + vae.safetensors): point "
+            "vae_export at runs/vae/<run>/export (a VAE checkpoint is exported with "
+            "`python train_vae.py train=false ckpt_path=<checkpoint>`)."
+        )
+    return None
 
 
 _EXPORT_WRITERS = {"vae": "train_vae.py", "unet": "train_unet.py"}

@@ -14,6 +14,10 @@ from ldm.pipeline import COMPILE_MODES
 log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+# auto: one device, or Lightning's DDP for several; ddp: DistributedDataParallel, one process per
+# device. Spawn-based strategies are left out: stage 2 needs its processes started before the
+# Trainer exists (ldm.training.trainer.launch_processes).
+STRATEGY_CHOICES = ("auto", "ddp")
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -74,6 +78,32 @@ def _check_available(device: str) -> None:
         )
 
 
+def _check_processes(trainer_cfg: dict[str, Any], device: str) -> None:
+    """Refuse process and accumulation settings Lightning would reject later, or worse, accept."""
+    strategy = trainer_cfg.get("strategy", "auto")
+    if strategy not in STRATEGY_CHOICES:
+        raise ValueError(
+            f"trainer.strategy must be one of {STRATEGY_CHOICES}, got {strategy!r}: use "
+            "trainer=ddp for one process per device (Lightning's DistributedDataParallel)."
+        )
+    for key in ("num_nodes", "accumulate_grad_batches"):
+        value = trainer_cfg.get(key, 1)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"trainer.{key} must be a positive integer, got {value!r}")
+    devices = trainer_cfg.get("devices", 1)
+    if devices != "auto" and (not isinstance(devices, int) or devices < 1):
+        raise ValueError(
+            f"trainer.devices must be a positive integer (devices per node) or auto (every "
+            f"visible GPU), got {devices!r}"
+        )
+    if device == "mps" and (devices not in (1, "auto") or trainer_cfg.get("num_nodes", 1) > 1):
+        raise ValueError(
+            f"Apple MPS trains in one process on one device, but trainer.devices={devices} and "
+            f"trainer.num_nodes={trainer_cfg.get('num_nodes', 1)}: set both to 1, or train on "
+            "CUDA GPUs (or trainer=cpu) for several processes."
+        )
+
+
 def resolve_device(trainer_cfg: dict[str, Any]) -> DeviceSettings:
     """Turn ``trainer.device`` (+ optional explicit overrides) into concrete settings.
 
@@ -85,6 +115,7 @@ def resolve_device(trainer_cfg: dict[str, Any]) -> DeviceSettings:
         raise ValueError(f"trainer.device must be one of {DEVICE_CHOICES}, got {requested!r}")
     device = detect_device() if requested == "auto" else requested
     _check_available(device)
+    _check_processes(trainer_cfg, device)
     profile = dict(trainer_cfg["profiles"][device])
     precision = trainer_cfg.get("precision") or profile["precision"]
     if device == "cuda" and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():

@@ -19,9 +19,10 @@ def test_yaml_defaults_are_the_dataclass_defaults():
 
 
 def test_builds_from_an_omegaconf_node_with_overrides():
-    node = OmegaConf.merge(OmegaConf.load(CONFIG_FILE), {"prediction_type": "v_prediction"})
+    override = {"prediction_type": "epsilon", "rescale_zero_terminal_snr": False}
+    node = OmegaConf.merge(OmegaConf.load(CONFIG_FILE), override)
 
-    assert ScheduleConfig(**node).prediction_type == "v_prediction"
+    assert ScheduleConfig(**node).prediction_type == "epsilon"
 
 
 def test_default_linear_range_is_the_reference_range_scaled_by_1000_over_t():
@@ -50,7 +51,7 @@ def test_explicit_endpoints_override_the_defaults():
         ({"beta_start": 0.03, "beta_end": 0.02}, "beta_start=0.03, beta_end=0.02"),
         ({"num_train_timesteps": 10}, r"beta_end=2 \(T=10"),
         ({"beta_schedule": "cosine", "beta_end": 0.02}, "cosine.*takes no β endpoints"),
-        ({"rescale_zero_terminal_snr": True}, "prediction_type=v_prediction"),
+        ({"prediction_type": "epsilon"}, "prediction_type=v_prediction, or turn"),
     ],
     ids=[
         "unknown_schedule",

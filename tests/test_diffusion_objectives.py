@@ -11,7 +11,9 @@ SHAPE = (4, 3, 8, 8)
 
 
 def schedule64(**overrides) -> NoiseSchedule:
-    return NoiseSchedule(ScheduleConfig(**overrides), dtype=torch.float64)
+    """The textbook ε-prediction schedule unless ``overrides`` say otherwise."""
+    plain = {"prediction_type": "epsilon", "rescale_zero_terminal_snr": False, **overrides}
+    return NoiseSchedule(ScheduleConfig(**plain), dtype=torch.float64)
 
 
 def latents(seed: int = 0) -> torch.Tensor:

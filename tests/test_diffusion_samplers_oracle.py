@@ -29,7 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 
 def float64_schedule(prediction_type: str = "epsilon") -> NoiseSchedule:
-    return NoiseSchedule(ScheduleConfig(prediction_type=prediction_type), dtype=torch.float64)
+    config = ScheduleConfig(prediction_type=prediction_type, rescale_zero_terminal_snr=False)
+    return NoiseSchedule(config, dtype=torch.float64)
 
 
 def diffusers_twin(scheduler_class, schedule: NoiseSchedule, **options):

@@ -15,8 +15,8 @@ from ldm.diffusion import (
 )
 
 SCHEDULE_CONFIGS = {
-    "epsilon": ScheduleConfig(),
-    "v_prediction": ScheduleConfig(prediction_type="v_prediction"),
+    "epsilon": ScheduleConfig(prediction_type="epsilon", rescale_zero_terminal_snr=False),
+    "v_prediction": ScheduleConfig(prediction_type="v_prediction", rescale_zero_terminal_snr=False),
     "zero_terminal_snr": ScheduleConfig(
         prediction_type="v_prediction", rescale_zero_terminal_snr=True
     ),
@@ -259,7 +259,9 @@ def test_dpm_solver_refuses_a_last_step_that_is_not_the_one_before():
 
 def test_per_image_generators_make_each_image_independent_of_its_batch() -> None:
     """Seed i gives the same sample alone or inside a batch: one generator per image."""
-    schedule = NoiseSchedule(ScheduleConfig())
+    schedule = NoiseSchedule(
+        ScheduleConfig(prediction_type="epsilon", rescale_zero_terminal_snr=False)
+    )
 
     def zero_model(x, t, cond):
         return torch.zeros_like(x)
@@ -277,7 +279,9 @@ def test_per_image_generators_make_each_image_independent_of_its_batch() -> None
 
 
 def test_a_wrong_number_of_generators_is_refused() -> None:
-    schedule = NoiseSchedule(ScheduleConfig())
+    schedule = NoiseSchedule(
+        ScheduleConfig(prediction_type="epsilon", rescale_zero_terminal_snr=False)
+    )
     with pytest.raises(ValueError, match="one per image"):
         sample(
             lambda x, t, c: x,

@@ -12,7 +12,9 @@ from ldm.diffusion import NoiseSchedule, ScheduleConfig
 
 
 def schedule64(**overrides) -> NoiseSchedule:
-    return NoiseSchedule(ScheduleConfig(**overrides), dtype=torch.float64)
+    """The textbook ε-prediction schedule unless ``overrides`` say otherwise."""
+    plain = {"prediction_type": "epsilon", "rescale_zero_terminal_snr": False, **overrides}
+    return NoiseSchedule(ScheduleConfig(**plain), dtype=torch.float64)
 
 
 def test_default_is_200_linear_steps_from_5e4_to_0_1():
@@ -186,7 +188,8 @@ def test_to_float64_recomputes_rather_than_upcasting_float32():
     float64 = float32.to(dtype=torch.float64)
 
     assert float64.dtype == torch.float64
-    assert torch.equal(float64.alphas_cumprod, schedule64().alphas_cumprod)
+    recomputed = NoiseSchedule(ScheduleConfig(), dtype=torch.float64)
+    assert torch.equal(float64.alphas_cumprod, recomputed.alphas_cumprod)
 
 
 def test_coefficients_take_the_dtype_of_the_data():

@@ -228,8 +228,8 @@ def test_analyser_reads_at_least_99_percent_of_generator_images_right(synthetic_
 def test_corrupted_analyser_fails_its_check_and_evaluation_refuses_to_judge(
     exports, synthetic_root, tmp_path, monkeypatch
 ) -> None:
-    def sees_only_circles(image):
-        return {**adherence_read(image), "shape": "circle"}
+    def sees_only_circles(image, palette):
+        return {**adherence_read(image, palette), "shape": "circle"}
 
     adherence_read = adherence.read_attributes
     monkeypatch.setattr(adherence, "read_attributes", sees_only_circles)

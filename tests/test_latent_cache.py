@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +46,7 @@ def export_vae(directory: Path, seed: int) -> Path:
     return save_vae_export(directory, VAE(TINY_VAE).eval(), latent_stats=STATS)
 
 
-def data_config(root: Path) -> DataConfig:
+def data_config(root: Path, **settings: object) -> DataConfig:
     return DataConfig.from_dict(
         {
             "source": "synthetic",
@@ -60,6 +62,7 @@ def data_config(root: Path) -> DataConfig:
             "image_size": IMAGE_SIZE_PX,
             "batch_size": BATCH_SIZE,
             "synthetic": vars(SMALL_SYNTHETIC),
+            **settings,
         }
     )
 
@@ -69,11 +72,12 @@ def make_datamodule(
     work: Path,
     *,
     text_encoder: TextEncoderConfig | None = None,
+    data: dict[str, object] | None = None,
     **cache_settings: object,
 ) -> LatentDataModule:
     cache = CacheConfig(**{"dir": work / "latents", "batch_size": 16, **cache_settings})
     return LatentDataModule(
-        data_config(root),
+        data_config(root, **(data or {})),
         LoaderSettings(),
         seed=5,
         cache_dir=work / "checks",
@@ -202,12 +206,19 @@ def test_metadata_records_fingerprint_data_config_count_and_scale(
 # ---- invalidation -------------------------------------------------------------------------
 
 
-def test_a_current_cache_is_reused_without_reading_any_image(
-    synthetic_root: Path, work: Path, prepared: LatentDataModule
+def test_a_current_cache_is_reused_without_decoding_or_encoding_any_image(
+    synthetic_root: Path, work: Path, prepared: LatentDataModule, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a current cache must be reused as it is")
+
+    monkeypatch.setattr("ldm.data.coco_index.read_rgb_image", refuse)
+    monkeypatch.setattr(VAE, "encode", refuse)
+    monkeypatch.setattr(FrozenTextEncoder, "encode_hidden_states", refuse)
     again = make_datamodule(synthetic_root, work)
     again.prepare_data()
-    assert again.images.train_records == []  # the image index was never built
+    again.setup()
+    assert again.latents["train"].folder == prepared.latents["train"].folder
 
 
 def test_a_changed_vae_rebuilds_the_latents_and_keeps_the_caption_cache(
@@ -215,8 +226,9 @@ def test_a_changed_vae_rebuilds_the_latents_and_keeps_the_caption_cache(
 ) -> None:
     first = make_datamodule(synthetic_root, fresh_work)
     first.prepare_data()
-    captions_written = (first.folder / "captions" / "cache.json").stat().st_mtime_ns
-    old_sha = read_metadata(first.folder / "train_latents")["key"]["vae_weights_sha256"]
+    first.setup()
+    captions_written = (first.captions.folder / "cache.json").stat().st_mtime_ns
+    old_sha = first.latents["train"].metadata["key"]["vae_weights_sha256"]
 
     export_vae(fresh_work / "vae", seed=1)
     second = make_datamodule(synthetic_root, fresh_work)
@@ -224,7 +236,8 @@ def test_a_changed_vae_rebuilds_the_latents_and_keeps_the_caption_cache(
     second.setup()
 
     assert second.latents["train"].metadata["key"]["vae_weights_sha256"] != old_sha
-    assert (first.folder / "captions" / "cache.json").stat().st_mtime_ns == captions_written
+    assert second.captions.folder == first.captions.folder
+    assert (first.captions.folder / "cache.json").stat().st_mtime_ns == captions_written
 
 
 def test_a_changed_vae_under_policy_error_is_refused_naming_what_differs(
@@ -245,6 +258,63 @@ def test_a_changed_text_encoder_under_policy_error_is_refused_naming_what_differ
     refusing = make_datamodule(synthetic_root, fresh_work, policy="error", text_encoder=reseeded)
     with pytest.raises(CacheMismatchError, match=r"text_encoder\.weights: .*seed=0.* → .*seed=1"):
         refusing.prepare_data()
+
+
+def count_encoded_images(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Batch sizes of every VAE encoding from now on."""
+    calls: list[int] = []
+    original_encode = VAE.encode
+
+    def counting_encode(self: VAE, images: torch.Tensor):
+        calls.append(int(images.shape[0]))
+        return original_encode(self, images)
+
+    monkeypatch.setattr(VAE, "encode", counting_encode)
+    return calls
+
+
+def test_replacing_an_image_file_rebuilds_the_latents_from_its_new_content(
+    synthetic_root: Path, fresh_work: Path
+) -> None:
+    root = Path(shutil.copytree(synthetic_root, fresh_work / "synthetic"))
+    first = make_datamodule(root, fresh_work)
+    first.prepare_data()
+    first.setup()
+    replaced, donor = first.images.train_records[:2]
+    shutil.copyfile(donor.path, replaced.path)  # another picture under the same name
+    later = replaced.path.stat().st_mtime_ns + 10**9  # and surely a new mtime, on any filesystem
+    os.utime(replaced.path, ns=(later, later))
+
+    second = make_datamodule(root, fresh_work)
+    second.prepare_data()
+    second.setup()
+
+    assert second.latents["train"].folder != first.latents["train"].folder
+    donor_latents = torch.from_numpy(first.latents["train"].mean[1].astype(np.float32))
+    assert_equal_in_float16(second.latents["train"].mean[0], donor_latents)
+    assert second.captions.folder == first.captions.folder  # captions do not depend on pixels
+
+
+def test_switching_the_subset_back_reuses_its_cache_without_encoding_again(
+    synthetic_root: Path, fresh_work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def prepared_with_subset(subset: int) -> LatentDataModule:
+        datamodule = make_datamodule(synthetic_root, fresh_work, data={"subset": subset})
+        datamodule.prepare_data()
+        datamodule.setup()
+        return datamodule
+
+    first = prepared_with_subset(24)
+    written = (first.latents["train"].folder / "cache.json").stat().st_mtime_ns
+    other = prepared_with_subset(16)
+    encoded = count_encoded_images(monkeypatch)
+    again = prepared_with_subset(24)
+
+    assert encoded == []
+    assert other.latents["train"].folder != first.latents["train"].folder
+    assert again.latents["train"].folder == first.latents["train"].folder
+    assert again.captions.folder == first.captions.folder
+    assert (again.latents["train"].folder / "cache.json").stat().st_mtime_ns == written
 
 
 def test_setup_without_prepare_data_says_how_to_build_the_cache(
@@ -271,8 +341,7 @@ def test_an_interrupted_build_leaves_no_cache_that_looks_complete(
     with pytest.raises(KeyboardInterrupt):
         datamodule.prepare_data()
 
-    assert not (datamodule.folder / "train_latents").exists()
-    assert list(datamodule.folder.iterdir()) == []  # no staging folder left either
+    assert list(datamodule.folder.iterdir()) == []  # no cache, and no staging folder either
     with pytest.raises(FileNotFoundError):
         datamodule.setup()
 

@@ -48,7 +48,13 @@ TINY_UNET = UNetConfig(
 IMAGE_SIZE = 16  # → 4×8×8 latents
 NUM_TIMESTEPS = 50
 # β_0 = 1e-4 as in DDPM: the least noisy step barely perturbs a latent (see the img2img test).
-SCHEDULE = ScheduleConfig(num_train_timesteps=NUM_TIMESTEPS, beta_start=1e-4, beta_end=0.4)
+SCHEDULE = ScheduleConfig(
+    num_train_timesteps=NUM_TIMESTEPS,
+    beta_start=1e-4,
+    beta_end=0.4,
+    prediction_type="epsilon",
+    rescale_zero_terminal_snr=False,
+)
 CONTEXT_LENGTH = 8
 LATENT_STATS = {
     "channel_mean": [0.0] * 4,

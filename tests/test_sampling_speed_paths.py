@@ -26,9 +26,21 @@ NUM_TIMESTEPS = 50
 # (sampler, eta, schedule): each sampler's own maths, the stochastic paths (DDPM, DDIM with eta)
 # and zero terminal SNR, where DPM-Solver's log-SNR is -∞ at the first step.
 LOOP_CASES = {
-    "ddpm": ("ddpm", 0.0, ScheduleConfig()),
-    "ddim": ("ddim", 0.0, ScheduleConfig()),
-    "ddim_eta": ("ddim", 1.0, ScheduleConfig()),
+    "ddpm": (
+        "ddpm",
+        0.0,
+        ScheduleConfig(prediction_type="epsilon", rescale_zero_terminal_snr=False),
+    ),
+    "ddim": (
+        "ddim",
+        0.0,
+        ScheduleConfig(prediction_type="epsilon", rescale_zero_terminal_snr=False),
+    ),
+    "ddim_eta": (
+        "ddim",
+        1.0,
+        ScheduleConfig(prediction_type="epsilon", rescale_zero_terminal_snr=False),
+    ),
     "dpmpp_2m_zero_snr": (
         "dpmpp_2m",
         0.0,
@@ -145,7 +157,12 @@ def test_the_trap_catches_a_host_read_inside_the_loop(trap) -> None:
 
     with pytest.raises(AssertionError, match=r"Tensor\.__float__ read a value back"):
         try:
-            guided_sample(ReadingDenoiser(trap), "ddim", 0.0, ScheduleConfig())
+            guided_sample(
+                ReadingDenoiser(trap),
+                "ddim",
+                0.0,
+                ScheduleConfig(prediction_type="epsilon", rescale_zero_terminal_snr=False),
+            )
         finally:
             trap.armed = False
 
@@ -209,7 +226,13 @@ def tiny_pipeline(**speed_options) -> LatentDiffusionPipeline:
         unet=TinyUNet().eval(),
         vae=VAE(VAEConfig(block_channels=(8, 8), layers_per_block=1, norm_groups=4)).eval(),
         text_encoder=None,
-        schedule=NoiseSchedule(ScheduleConfig(num_train_timesteps=NUM_TIMESTEPS)),
+        schedule=NoiseSchedule(
+            ScheduleConfig(
+                num_train_timesteps=NUM_TIMESTEPS,
+                prediction_type="epsilon",
+                rescale_zero_terminal_snr=False,
+            )
+        ),
         latent_scale=1.0,
         latent_shape=LATENT_SHAPE,
         context_length=CONTEXT_LENGTH,

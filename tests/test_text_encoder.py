@@ -272,5 +272,7 @@ def test_config_file_holds_the_real_run_defaults() -> None:
 
 
 def test_unknown_config_keys_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"Unknown text_encoder config keys \['pretrainde'\]"):
+    with pytest.raises(
+        ValueError, match=r"text_encoder\.pretrainde=None: did you mean .*pretrained\?"
+    ):
         TextEncoderConfig.from_dict({"pretrainde": None})

@@ -89,12 +89,12 @@ def test_training_exports_raw_and_ema_weights_with_everything_sampling_needs(
 
 
 def test_lightning_checkpoint_records_vae_scale_text_encoder_and_schedule(trained) -> None:
-    result, _ = trained
+    result, cfg = trained
     state = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     hparams = state["hyper_parameters"]
     assert hparams["latent_scale"] == 0.5
     assert hparams["provenance"]["vae_weights_sha256"]
-    assert hparams["provenance"]["text_encoder"]["model_name"] == "ViT-B-32"
+    assert hparams["provenance"]["text_encoder"]["model_name"] == cfg.text_encoder.model_name
     assert hparams["diffusion"]["beta_schedule"] == "linear"
     assert not any(key.startswith(("text_encoder", "_vae", "vae.")) for key in state["state_dict"])
     assert any(key.startswith("ema.") for key in state["state_dict"])
@@ -126,15 +126,16 @@ def test_sample_grids_are_saved_for_raw_and_ema_weights(trained) -> None:
 
 
 def test_validation_loss_is_identical_across_two_evaluations(trained) -> None:
-    result, _ = trained
+    result, cfg = trained
     state = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     module = LatentDiffusionModule(**state["hyper_parameters"])
     module.load_state_dict(state["state_dict"])
     module.eval()
+    width = cfg.model.unet.context_dim
     batch = {
         "latent_mean": torch.randn(6, 4, 16, 16, dtype=torch.float16),
         "latent_std": torch.rand(6, 4, 16, 16, dtype=torch.float16),
-        "text_hidden_states": torch.randn(6, 5, 512, dtype=torch.float16),
+        "text_hidden_states": torch.randn(6, 5, width, dtype=torch.float16),
         "diffusion_noise": torch.randn(6, 4, 16, 16),
     }
     with torch.no_grad():

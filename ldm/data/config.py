@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ldm.config_keys import refuse_unknown_keys
 from ldm.data.bad_input import ON_BAD_INPUT_CHOICES
 from ldm.data.image_cache import IMAGE_CACHE_CHOICES
 from ldm.data.synthetic import SyntheticConfig
@@ -42,16 +43,15 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DataConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"Unknown data config keys {sorted(unknown)}; known: {sorted(known)}")
+        refuse_unknown_keys("data", raw, {f.name for f in fields(cls)})
         values = dict(raw)
         values["root"] = Path(values["root"])
-        values["train"] = SplitFiles(**{k: Path(v) for k, v in values["train"].items()})
+        values["train"] = _split_files("train", values["train"])
         if values.get("val"):
-            values["val"] = SplitFiles(**{k: Path(v) for k, v in values["val"].items()})
-        values["synthetic"] = SyntheticConfig(**(values.get("synthetic") or {}))
+            values["val"] = _split_files("val", values["val"])
+        synthetic = values.get("synthetic") or {}
+        refuse_unknown_keys("data.synthetic", synthetic, {f.name for f in fields(SyntheticConfig)})
+        values["synthetic"] = SyntheticConfig(**synthetic)
         if isinstance(values.get("image_cache"), bool):  # YAML 1.1 reads a bare on/off as a bool
             values["image_cache"] = "on" if values["image_cache"] else "off"
         config = cls(**values)
@@ -80,9 +80,17 @@ class DataConfig:
         if self.val_fraction is not None and not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1, got {self.batch_size}")
+            raise ValueError(
+                f"data.batch_size must be at least 1, got {self.batch_size}: set it to the "
+                "number of images per training step (32 in the real run)."
+            )
         if self.image_size < 8 or self.image_size % 8:
             raise ValueError(
                 f"data.image_size must be a multiple of 8 (the VAE downsamples 8×), "
                 f"got {self.image_size}"
             )
+
+
+def _split_files(split: str, raw: dict[str, Any]) -> SplitFiles:
+    refuse_unknown_keys(f"data.{split}", raw, {f.name for f in fields(SplitFiles)})
+    return SplitFiles(**{name: Path(value) for name, value in raw.items()})

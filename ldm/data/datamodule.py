@@ -114,14 +114,22 @@ class CaptionedImageDataModule(ResumableDataModule):
         )
 
     def prepare_data(self) -> None:
-        """Generate the synthetic set if asked for it; build stale or missing image caches
-        (Lightning runs this on one process only, before any rank opens them)."""
-        if self.config.source == "synthetic":
-            generate_synthetic_dataset(self.config.root, self.config.synthetic)
+        """Generate the synthetic set if asked for it, check every image once (the results are
+        cached for the other processes' ``setup``) and build stale or missing image caches.
+
+        Lightning runs this in one process (per node with ``prepare_data_per_node``) while the
+        others wait, so files are written once, never raced.
+        """
+        self.generate_source()
+        self.setup()
         if self.uses_image_cache:
-            self.setup()
             for split in ("train", "val"):
                 self._image_cache(split)
+
+    def generate_source(self) -> None:
+        """Write the synthetic set when ``data.source=synthetic`` (unless it is already there)."""
+        if self.config.source == "synthetic":
+            generate_synthetic_dataset(self.config.root, self.config.synthetic)
 
     def _index(self, split, subset: int | None) -> list[CaptionedImage]:
         records, report = build_caption_index(
@@ -133,9 +141,14 @@ class CaptionedImageDataModule(ResumableDataModule):
         )
         report.resolve(self.config.on_bad_input)
         if not records:
+            found = (
+                f"{report.summary()}\nFix or replace those files, or point data.root at a "
+                "complete copy of the data set."
+                if report.total
+                else "it lists no images. Check the paths in the data config."
+            )
             raise ValueError(
-                f"No usable images in {split.annotations} (images from {split.images}). "
-                "Check the paths in the data config."
+                f"No usable images in {split.annotations} (images from {split.images}): {found}"
             )
         return records
 
@@ -198,5 +211,7 @@ class CaptionedImageDataModule(ResumableDataModule):
         return DataLoader(dataset, shuffle=False, drop_last=False, **self._common_loader_args())
 
     def val_dataloader(self) -> DataLoader:
-        dataset = self._dataset("val", train=False)
-        return DataLoader(dataset, shuffle=False, drop_last=False, **self._common_loader_args())
+        """This process's shard of the validation images, in order."""
+        return self.evaluation_loader(
+            self._dataset("val", train=False), **self._common_loader_args()
+        )

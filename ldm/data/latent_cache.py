@@ -48,9 +48,20 @@ def records_fingerprint(records: Sequence[CaptionedImage]) -> str:
     return digest.hexdigest()
 
 
-def image_latent_key(vae_weights_sha256: str, data_key: dict[str, Any], hflip: bool) -> dict:
-    """Everything the cached latents depend on; the cache is rebuilt when any of it changes."""
-    return {"vae_weights_sha256": vae_weights_sha256, "data": data_key, "hflip": hflip}
+def image_latent_key(
+    vae_weights_sha256: str, data_key: dict[str, Any], hflip: bool, images_sha256: str
+) -> dict[str, Any]:
+    """Everything the cached latents depend on; the cache is rebuilt when any of it changes.
+
+    ``images_sha256`` (:func:`~ldm.data.image_cache.image_files_fingerprint`: each file's size
+    and modification time) notices an image replaced under the same name.
+    """
+    return {
+        "vae_weights_sha256": vae_weights_sha256,
+        "data": data_key,
+        "hflip": hflip,
+        "images_sha256": images_sha256,
+    }
 
 
 @dataclass(frozen=True)

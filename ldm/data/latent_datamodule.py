@@ -1,20 +1,23 @@
 """Stage-2 data: cached VAE latents and caption hidden states as seeded, resumable loaders.
 
-``prepare_data`` (rank 0 under DDP) checks the caches against the current VAE export, text
-encoder and data config, and builds whatever is missing or stale: the image index comes from
+``prepare_data`` (one process under DDP: global rank 0, or each node's local rank 0 with
+``prepare_data_per_node``; the others wait) checks the caches against the current VAE export,
+text encoder and data config, and builds whatever is missing or stale, encoding on
+``encode_device`` (that process's own device): the image index comes from
 :class:`~ldm.data.datamodule.CaptionedImageDataModule`, so COCO is read one way only.
-``setup`` (every rank) only opens memory maps. Folder layout under ``cache.dir``::
+``setup`` (every process) only opens memory maps. Folder layout under ``cache.dir``, each cache
+in a folder named after its key's digest (caches for other keys stay, and are reused when a run
+returns to theirs)::
 
-    {source}-{digest of data.root}/train_latents/   ImageLatentCache (with mirrored encodings)
-                                   val_latents/     ImageLatentCache
-                                   captions/        CaptionHiddenStateCache, both splits
+    {source}-{digest of data.root}/train_latents-{digest}/   ImageLatentCache (+ mirrored encodings)
+                                   val_latents-{digest}/     ImageLatentCache
+                                   captions-{digest}/        CaptionHiddenStateCache, both splits
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from functools import cached_property
 from pathlib import Path
@@ -24,20 +27,27 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from ldm.checkpoints import METADATA_FILENAME, file_fingerprint, load_vae_export
+from ldm.checkpoints import file_fingerprint, load_vae_export, read_vae_metadata
 from ldm.data.batch_randomness import NO_RANDOMNESS, StepRandomness
-from ldm.data.coco_index import DOWNLOAD_HINT, CaptionedImage
+from ldm.data.coco_index import CaptionedImage
 from ldm.data.config import DataConfig
 from ldm.data.datamodule import CaptionedImageDataModule, LoaderSettings
 from ldm.data.dataset import batch_as_is
+from ldm.data.image_cache import image_files_fingerprint
 from ldm.data.latent_cache import (
     IMAGE_LATENTS_KIND,
     ImageLatentCache,
     build_image_latent_cache,
     image_latent_key,
+    records_fingerprint,
 )
 from ldm.data.latent_dataset import CachedLatentDataset, ResidentLatents, to_device
-from ldm.data.latent_store import CacheConfig, cache_is_current
+from ldm.data.latent_store import (
+    CacheConfig,
+    cache_is_current,
+    keyed_cache_is_current,
+    keyed_folder,
+)
 from ldm.data.latent_text_cache import (
     CAPTION_STATES_KIND,
     CaptionHiddenStateCache,
@@ -130,35 +140,19 @@ class LatentDataModule(ResumableDataModule):
         digest = hashlib.sha1(str(self.config.root.resolve()).encode()).hexdigest()[:10]
         return self.cache.dir / f"{self.config.source}-{digest}"
 
-    def _latents_folder(self, split: str) -> Path:
-        return self.folder / f"{split}_latents"
-
     @cached_property
     def vae_metadata(self) -> dict[str, Any]:
         """The VAE export's JSON (weights fingerprint, latent statistics), read without
         loading the weights: enough to validate a cache."""
-        path = (
-            self.vae_export
-            if self.vae_export.suffix == ".json"
-            else (self.vae_export / METADATA_FILENAME)
-        )
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"No VAE export at {self.vae_export} ({path} does not exist). Train and export "
-                "the VAE first with `python train_vae.py`, then point stage 2 at its export folder."
-            )
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_vae_metadata(self.vae_export)
 
-    def _data_key(self, split: str) -> dict[str, Any]:
+    def _data_key(self, split: str, records: list[CaptionedImage]) -> dict[str, Any]:
         """The data config one split's caches depend on, with the annotation file's hash so an
-        edited or regenerated file is noticed even when every path stays the same."""
+        edited or regenerated file is noticed even when every path stays the same, and the
+        fingerprint of the records that passed the bad-input check."""
         config = self.config
         own_val = split == "val" and config.val is not None
         files = config.val if own_val else config.train
-        if not files.annotations.is_file():
-            raise FileNotFoundError(
-                f"COCO captions file not found: {files.annotations}. {DOWNLOAD_HINT}"
-            )
         key = {
             "source": config.source,
             "root": str(config.root.resolve()),
@@ -168,6 +162,7 @@ class LatentDataModule(ResumableDataModule):
             "images": str(files.images.resolve()),
             "image_size": config.image_size,
             "subset": config.val_subset if own_val else config.subset,
+            "records_sha256": records_fingerprint(records),
         }
         if config.val is None:  # the split is a seeded hold-out of the training images
             key["holdout"] = {"val_fraction": config.val_fraction, "seed": self.seed}
@@ -175,38 +170,46 @@ class LatentDataModule(ResumableDataModule):
 
     @cached_property
     def _wanted(self) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
-        """(split or "all", kind) → (folder, key) of every cache this run needs."""
-        data_keys = {split: self._data_key(split) for split in SPLITS}
+        """(split or "all", kind) → (folder, key) of every cache this run needs.
+
+        The latent keys cover each image file's size and modification time, so the image index
+        is read first (its check results are cached: no image is decoded again).
+        """
+        self.images.setup()
+        records = {"train": self.images.train_records, "val": self.images.val_records}
+        data_keys = {split: self._data_key(split, records[split]) for split in SPLITS}
         vae_sha = self.vae_metadata["weights_sha256"]
-        wanted = {
-            (split, IMAGE_LATENTS_KIND): (
-                self._latents_folder(split),
-                image_latent_key(vae_sha, data_keys[split], self.config.hflip and split == "train"),
+        wanted = {}
+        for split in SPLITS:
+            key = image_latent_key(
+                vae_sha,
+                data_keys[split],
+                self.config.hflip and split == "train",
+                image_files_fingerprint(records[split]),
             )
-            for split in SPLITS
-        }
-        wanted["all", CAPTION_STATES_KIND] = (
-            self.folder / "captions",
-            caption_hidden_state_key(
-                self.text_encoder.fingerprint(), data_keys, self.cache.text_max_positions
-            ),
+            wanted[split, IMAGE_LATENTS_KIND] = (
+                keyed_folder(self.folder, f"{split}_latents", key),
+                key,
+            )
+        key = caption_hidden_state_key(
+            self.text_encoder.fingerprint(), data_keys, self.cache.text_max_positions
         )
+        wanted["all", CAPTION_STATES_KIND] = (keyed_folder(self.folder, "captions", key), key)
         return wanted
 
     # ---- Lightning hooks ----------------------------------------------------------------
 
     def prepare_data(self) -> None:
         """Build every missing or stale cache (or refuse, under ``cache.policy=error``)."""
-        self.images.prepare_data()
+        self.images.generate_source()
         todo = [
             (split, kind)
             for (split, kind), (folder, key) in self._wanted.items()
-            if not cache_is_current(folder, kind, key, self.cache.policy)
+            if not keyed_cache_is_current(folder, kind, key, self.cache.policy)
         ]
         if not todo:
             log.info("Latent caches under %s are current", self.folder)
             return
-        self.images.setup()
         records = {"train": self.images.train_records, "val": self.images.val_records}
         for split, kind in todo:
             folder, key = self._wanted[split, kind]
@@ -252,11 +255,13 @@ class LatentDataModule(ResumableDataModule):
             if not cache_is_current(folder, kind, key, policy="error"):
                 raise FileNotFoundError(
                     f"No {kind} cache at {folder}. Call prepare_data() first (Lightning's "
-                    "Trainer.fit does), which builds it."
+                    "Trainer.fit does), which builds it. In a run over several nodes whose "
+                    "paths.cache_dir is local to each node, set trainer.prepare_data_per_node=true "
+                    "so that every node builds its own."
                 )
-        self.captions = CaptionHiddenStateCache.open(self.folder / "captions")
+        self.captions = CaptionHiddenStateCache.open(self._wanted["all", CAPTION_STATES_KIND][0])
         for split in SPLITS:
-            latents = ImageLatentCache.open(self._latents_folder(split))
+            latents = ImageLatentCache.open(self._wanted[split, IMAGE_LATENTS_KIND][0])
             expected = self.captions.metadata["splits"][split]["records_sha256"]
             if latents.metadata["records_sha256"] != expected:
                 raise ValueError(
@@ -317,9 +322,8 @@ class LatentDataModule(ResumableDataModule):
         return self.resumable_train_loader(dataset, seed=self.seed, **self._common_loader_args())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self._dataset("val"), shuffle=False, drop_last=False, **self._common_loader_args()
-        )
+        """This process's shard of the validation latents, in order."""
+        return self.evaluation_loader(self._dataset("val"), **self._common_loader_args())
 
     # ---- caches resident on the GPU -----------------------------------------------------
 

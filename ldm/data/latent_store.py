@@ -1,15 +1,18 @@
 """How encoded caches live on disk: a folder of ``.npy`` arrays plus ``cache.json``.
 
-The JSON holds a *key* — everything the arrays depend on (model fingerprint, data config) — and
-a cache is used only when its key equals the one wanted now. A folder becomes visible under its
-final name only by a rename after every array and the JSON are written, so an interrupted build
-never leaves a cache that looks complete. Building restarts from scratch; it does not resume.
-Arrays open with ``mmap_mode="r"``: a 118k-image cache opens at once and costs only the pages
-actually read.
+The JSON holds a *key* — everything the arrays depend on (model fingerprint, data config, image
+files) — and a cache is used only when its key equals the one wanted now. Stage-2 caches live in
+folders named after their key's digest (:func:`keyed_folder`), so a cache built for another key
+stays where it is and is found again when a run returns to that key. A folder becomes visible
+under its final name only by a rename after every array and the JSON are written, so an
+interrupted build never leaves a cache that looks complete. Building restarts from scratch; it
+does not resume. Arrays open with ``mmap_mode="r"``: a 118k-image cache opens at once and costs
+only the pages actually read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ldm.config_keys import refuse_unknown_keys
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +67,7 @@ class CacheConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> CacheConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"Unknown cache config keys {unknown}; known: {sorted(known)}")
+        refuse_unknown_keys("cache", raw, {f.name for f in fields(cls)})
         return cls(**raw)
 
 
@@ -83,6 +85,14 @@ def key_differences(cached: Any, wanted: Any, path: str = "") -> list[str]:
                 differences.extend(key_differences(cached[name], wanted[name], where))
         return differences
     return [] if cached == wanted else [f"{path or 'key'}: {cached!r} → {wanted!r}"]
+
+
+def keyed_folder(parent: Path, name: str, key: dict[str, Any]) -> Path:
+    """``parent/{name}-{digest}``, the digest being 16 hex digits of SHA-256 over the key (and
+    the format version) as canonical JSON: one folder per key, so switching back to an earlier
+    key (another ``data.subset``, the previous VAE) reuses its cache instead of rebuilding it."""
+    canonical = json.dumps({"format_version": FORMAT_VERSION, "key": key}, sort_keys=True)
+    return parent / f"{name}-{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
 
 
 def read_metadata(folder: Path) -> dict[str, Any] | None:
@@ -131,6 +141,42 @@ def cache_is_current(folder: Path, kind: str, key: dict[str, Any], policy: str) 
         "Rebuilding the %s cache at %s, which does not match (cached → now): %s",
         kind,
         folder,
+        summary,
+    )
+    return False
+
+
+def keyed_cache_is_current(folder: Path, kind: str, key: dict[str, Any], policy: str) -> bool:
+    """:func:`cache_is_current` for a :func:`keyed_folder`; when it holds no cache yet, the
+    closest cache of the same name beside it (built for another key) is named with what differs:
+    as a note before building, or as the refusal under ``policy="error"``."""
+    if cache_is_current(folder, kind, key, policy):
+        return True
+    if read_metadata(folder) is not None:
+        return False  # a damaged cache at this key: cache_is_current has said what is wrong
+    name = folder.name.rpartition("-")[0]
+    others = [
+        (other, key_differences(metadata.get("key"), key))
+        for other in sorted(folder.parent.glob(f"{name}-*"))
+        if ".partial-" not in other.name
+        and (metadata := read_metadata(other)) is not None
+        and metadata.get("kind") == kind
+    ]
+    if not others:
+        return False
+    closest, differences = min(others, key=lambda other: len(other[1]))
+    summary = "; ".join(differences)
+    if policy == "error":
+        raise CacheMismatchError(
+            f"No {kind} cache under {folder.parent} matches this run; the closest, {closest.name}, "
+            f"was built from something else (cached → now): {summary}. Set cache.policy=rebuild "
+            "to build one beside it (the existing caches are kept), or undo the change."
+        )
+    log.info(
+        "Building a new %s cache at %s; the closest existing one, %s, differs (cached → now): %s",
+        kind,
+        folder,
+        closest.name,
         summary,
     )
     return False

@@ -3,6 +3,11 @@
 A data module derived from :class:`ResumableDataModule` keeps its :class:`ResumableDataLoader`'s
 position in its own checkpoint state, so a run resumed mid-epoch sees exactly the batches (and,
 through the per-item seeds, exactly the augmentations) that an uninterrupted run would have seen.
+
+Under DDP both kinds of loader are sharded here, by the ranks of the Trainer the data module is
+attached to: training by :class:`ResumableSampler`, evaluation by torch's ``DistributedSampler``.
+Lightning's own sampler injection stays off (``use_distributed_sampler=False``) because it would
+wrap, and shard a second time, the already sharded training sampler.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 _SEED_RANGE = 2**62
 
@@ -91,22 +96,32 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        """Where this loader stands: the epoch and how many batches it has handed out."""
+        """Where this loader stands: the epoch and how many batches it has handed out (each
+        process has handed out as many as the others)."""
         return {
             "epoch": self.sampler.epoch,
             "batches_served": self._batches_served,
             "batch_size": int(self.batch_size or 1),
             "seed": self.sampler.seed,
+            "num_replicas": self.sampler.num_replicas,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a :meth:`state_dict`; the batch size and seed must match."""
+        """Continue from a :meth:`state_dict`; the batch size, seed and process count must match."""
         if state["batch_size"] != self.batch_size or state["seed"] != self.sampler.seed:
             raise ValueError(
                 "Cannot resume the data order: the checkpoint was written with batch_size="
                 f"{state['batch_size']} and seed={state['seed']}, this run has batch_size="
                 f"{self.batch_size} and seed={self.sampler.seed}. Use the same data.batch_size and "
                 "seed to resume, or start a new run."
+            )
+        written_by = state.get("num_replicas", 1)  # checkpoints from before DDP: one process
+        if written_by != self.sampler.num_replicas:
+            raise ValueError(
+                f"Cannot resume the data order: the checkpoint was written by {written_by} "
+                f"training process(es), this run has {self.sampler.num_replicas}, and each "
+                "process's share of every epoch depends on that count. Resume with "
+                f"trainer.devices × trainer.num_nodes = {written_by}, or start a new run."
             )
         self.sampler.set_epoch(state["epoch"])
         self.sampler.resume_at(state["epoch"], state["batches_served"] * state["batch_size"])
@@ -127,23 +142,51 @@ class ResumableDataModule(L.LightningDataModule):
         self._train_loader: ResumableDataLoader | None = None
         self._position_to_restore: dict[str, int] | None = None
 
+    def processes(self) -> tuple[int, int]:
+        """(number of training processes, this one's global rank), from the Trainer this data
+        module is attached to; (1, 0) outside one."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
     def resumable_train_loader(
         self, dataset: Dataset, *, seed: int, **loader_args: Any
     ) -> ResumableDataLoader:
-        """A shuffled, resumable train loader; it continues from a restored checkpoint, if any."""
+        """A shuffled, resumable train loader, this process's shard of every epoch; it continues
+        from a restored checkpoint, if any."""
         batch_size = loader_args["batch_size"]
-        if len(dataset) < batch_size:  # drop_last would leave an epoch without a single batch
+        num_replicas, rank = self.processes()
+        per_process = len(dataset) // num_replicas
+        if per_process < batch_size:  # drop_last would leave an epoch without a single batch
+            shares = f" ({per_process} in each of {num_replicas} processes)" * (num_replicas > 1)
             raise ValueError(
-                f"Only {len(dataset)} training images for data.batch_size={batch_size}; "
+                f"Only {len(dataset)} training images{shares} for data.batch_size={batch_size}; "
                 "lower the batch size."
             )
-        sampler = ResumableSampler(len(dataset), seed=seed, shuffle=True)
+        sampler = ResumableSampler(
+            len(dataset), seed=seed, shuffle=True, num_replicas=num_replicas, rank=rank
+        )
         loader = ResumableDataLoader(dataset, sampler=sampler, drop_last=True, **loader_args)
         if self._position_to_restore is not None:
             loader.load_state_dict(self._position_to_restore)
             self._position_to_restore = None
         self._train_loader = loader
         return loader
+
+    def evaluation_loader(self, dataset: Dataset, **loader_args: Any) -> DataLoader:
+        """An in-order loader over this process's shard of ``dataset`` (all of it in a single
+        process): validation work is split across processes, not repeated by each.
+
+        ``DistributedSampler`` pads the shards to equal length with a few repeated items, so
+        every process runs the same number of steps and its metric reductions line up.
+        """
+        num_replicas, rank = self.processes()
+        sampler = None
+        if num_replicas > 1:
+            sampler = DistributedSampler(
+                dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False
+            )
+        return DataLoader(dataset, sampler=sampler, shuffle=False, drop_last=False, **loader_args)
 
     def state_dict(self) -> dict[str, Any]:
         return (

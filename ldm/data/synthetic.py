@@ -5,7 +5,12 @@ with :func:`read_attributes`, so later stages can measure whether generated imag
 prompts. Some (shape, colour, background) combinations never appear in training and form the
 ``heldout`` split, which tests compositional generalisation.
 
-Run ``python -m ldm.data.synthetic --root data/synthetic`` (``make demo`` does it for you).
+The set comes in two variants drawn by the same generator. ``a`` is the demo's own set, the one
+its recipe was tuned on. ``b`` has another palette, other caption wordings and other held-out
+combinations, and is never tuned on: a recipe that only fits ``a``'s captions shows it there.
+
+Run ``python -m ldm.data.synthetic --root data/synthetic`` (``make demo`` does it for you), or
+``--root data/synthetic-b --variant b``.
 """
 
 from __future__ import annotations
@@ -25,34 +30,87 @@ from ldm.progress import progress_bar
 
 GENERATOR_VERSION = 1
 
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
+Palette = dict[str, tuple[int, int, int]]  # colour name → RGB
+Triple = tuple[str, str, str]  # (shape, colour, background)
+
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.32, "large": 0.62}  # shape extent as a fraction of the image side
 
-_SHAPE_WORDS = {
-    "circle": ("circle", "disk", "dot", "round shape"),
-    "square": ("square", "box", "block", "square shape"),
-    "triangle": ("triangle", "wedge", "triangle shape", "three-sided shape"),
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One look of the set. Shapes and sizes are shared by every variant, so the analyser reads
+    them all alike once it knows the palette."""
+
+    palette: Palette  # 8 colours, far apart: read_attributes names a colour by the nearest
+    shape_words: dict[str, tuple[str, ...]]  # the first is the one evaluation prompts use
+    size_words: dict[str, tuple[str, ...]]  # the first is the one evaluation prompts use
+    templates: tuple[str, ...]  # at least CAPTIONS_PER_IMAGE; the first is the prompts' template
+    seed_salt: int | None  # mixed into the seed; None: the seed alone, as before variants
+
+
+VARIANTS = {
+    "a": VariantSpec(
+        palette={
+            "red": (220, 40, 40),
+            "green": (40, 170, 60),
+            "blue": (40, 80, 220),
+            "yellow": (240, 210, 40),
+            "purple": (140, 60, 180),
+            "orange": (245, 140, 30),
+            "white": (245, 245, 245),
+            "black": (20, 20, 20),
+        },
+        shape_words={
+            "circle": ("circle", "disk", "dot", "round shape"),
+            "square": ("square", "box", "block", "square shape"),
+            "triangle": ("triangle", "wedge", "triangle shape", "three-sided shape"),
+        },
+        size_words={"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")},
+        templates=(
+            "a {size} {color} {shape} on a {background} background",
+            "{background} backdrop with a {size} {color} {shape}",
+            "a {color} {shape} against a plain {background} background",
+            "there is a {size} {color} {shape} in front of a {background} wall",
+            "an image of a {color} {shape} on {background}",
+            "{size} {color} {shape}, {background} background",
+            "a picture showing one {color} {shape} over a {background} field",
+        ),
+        seed_salt=None,
+    ),
+    "b": VariantSpec(
+        palette={  # the nearest pair, navy–teal, is 101 apart in RGB (a's, yellow–orange: 71)
+            "cyan": (40, 215, 230),
+            "magenta": (225, 40, 190),
+            "brown": (125, 75, 30),
+            "pink": (250, 165, 195),
+            "grey": (130, 130, 130),
+            "navy": (20, 30, 110),
+            "lime": (165, 235, 45),
+            "teal": (15, 130, 125),
+        },
+        shape_words={
+            "circle": ("circle", "disc", "ball", "round blob"),
+            "square": ("square", "tile", "cube", "four-sided shape"),
+            "triangle": ("triangle", "pyramid", "arrowhead", "pointed shape"),
+        },
+        size_words={
+            "small": ("small", "miniature", "petite"),
+            "large": ("large", "giant", "massive"),
+        },
+        templates=(
+            "a {size} {shape} painted {color}, set on {background}",
+            "on a {background} canvas sits a {size} {color} {shape}",
+            "{color} {shape} resting on a {background} ground",
+            "a photo of a {size} {shape} coloured {color} with {background} all around it",
+            "the {shape} is {color}, the surface behind it {background}",
+            "{size} {shape} in {color} over {background}",
+            "a {background} surface with a {size} {color} {shape} somewhere on it",
+        ),
+        seed_salt=0xB,
+    ),
 }
-_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
-_TEMPLATES = (
-    "a {size} {color} {shape} on a {background} background",
-    "{background} backdrop with a {size} {color} {shape}",
-    "a {color} {shape} against a plain {background} background",
-    "there is a {size} {color} {shape} in front of a {background} wall",
-    "an image of a {color} {shape} on {background}",
-    "{size} {color} {shape}, {background} background",
-    "a picture showing one {color} {shape} over a {background} field",
-)
+ORIGINAL_VARIANT = "a"  # the demo's own set, which its recipe was tuned on
 CAPTIONS_PER_IMAGE = 5
 SPLIT_FOLDERS = {"train": "train2017", "val": "val2017", "heldout": "heldout"}
 
@@ -67,25 +125,43 @@ class SyntheticConfig:
     image_size_px: int = 128
     heldout_fraction: float = 0.1
     seed: int = 0
+    variant: str = ORIGINAL_VARIANT  # a key of VARIANTS
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(
+                f"Unknown synthetic variant {self.variant!r} (data.synthetic.variant or "
+                f"--variant): choose one of {sorted(VARIANTS)} (a: the demo's own set; b: another "
+                "palette, wording and held-out combinations, never tuned on)."
+            )
+
+    @property
+    def variant_spec(self) -> VariantSpec:
+        """The palette, wording and seed salt of this config's variant."""
+        return VARIANTS[self.variant]
+
+    def rng(self) -> np.random.Generator:
+        """A fresh generator for this config: the seed, salted by the variant when it has a salt
+        (variant a keeps the seed alone, so its output is what it was before variants)."""
+        salt = self.variant_spec.seed_salt
+        return np.random.default_rng(self.seed if salt is None else [self.seed, salt])
 
 
-def attribute_combinations() -> list[tuple[str, str, str]]:
+def attribute_combinations(palette: Palette) -> list[Triple]:
     """All (shape, colour, background) triples with a shape colour unlike its background."""
     return [
         (shape, color, background)
-        for shape, color, background in itertools.product(SHAPES, PALETTE, PALETTE)
+        for shape, color, background in itertools.product(SHAPES, palette, palette)
         if color != background
     ]
 
 
-def split_combinations(
-    config: SyntheticConfig,
-) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+def split_combinations(config: SyntheticConfig) -> tuple[list[Triple], list[Triple]]:
     """Hold out a seeded fraction of triples while every single attribute stays in training."""
-    combos = attribute_combinations()
-    rng = np.random.default_rng(config.seed)
+    combos = attribute_combinations(config.variant_spec.palette)
+    rng = config.rng()
     num_heldout = max(1, round(len(combos) * config.heldout_fraction))
-    heldout: list[tuple[str, str, str]] = []
+    heldout: list[Triple] = []
     for position in rng.permutation(len(combos)):
         if len(heldout) == num_heldout:
             break
@@ -97,45 +173,52 @@ def split_combinations(
     return train, heldout
 
 
-def _draw_shape(
-    shape: str, color: str, background: str, size: str, center: tuple[float, float], side: int
-) -> Image.Image:
+def _draw_shape(attributes: dict[str, Any], palette: Palette, side: int) -> Image.Image:
     """Render at 4× and downsample so edges are anti-aliased like a photograph's."""
+    shape, size, (cx, cy) = attributes["shape"], attributes["size"], attributes["center"]
+    fill = palette[attributes["color"]]
     scale = 4
     big = side * scale
-    canvas = Image.new("RGB", (big, big), PALETTE[background])
+    canvas = Image.new("RGB", (big, big), palette[attributes["background"]])
     draw = ImageDraw.Draw(canvas)
     half = SIZES[size] * big / 2
-    cx, cy = center[0] * big, center[1] * big
+    cx, cy = cx * big, cy * big
     box = (cx - half, cy - half, cx + half, cy + half)
     if shape == "circle":
-        draw.ellipse(box, fill=PALETTE[color])
+        draw.ellipse(box, fill=fill)
     elif shape == "square":
-        draw.rectangle(box, fill=PALETTE[color])
+        draw.rectangle(box, fill=fill)
     else:
-        draw.polygon(
-            [(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=PALETTE[color]
-        )
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
     return canvas.resize((side, side), Image.Resampling.LANCZOS)
 
 
-def _captions(rng: np.random.Generator, attributes: dict[str, Any]) -> list[str]:
-    templates = rng.choice(len(_TEMPLATES), size=CAPTIONS_PER_IMAGE, replace=False)
+def _captions(rng: np.random.Generator, attributes: dict[str, Any], spec: VariantSpec) -> list[str]:
+    templates = rng.choice(len(spec.templates), size=CAPTIONS_PER_IMAGE, replace=False)
     captions = []
     for template_index in templates:
         words = {
-            "shape": str(rng.choice(_SHAPE_WORDS[attributes["shape"]])),
-            "size": str(rng.choice(_SIZE_WORDS[attributes["size"]])),
+            "shape": str(rng.choice(spec.shape_words[attributes["shape"]])),
+            "size": str(rng.choice(spec.size_words[attributes["size"]])),
             "color": attributes["color"],
             "background": attributes["background"],
         }
-        captions.append(_TEMPLATES[template_index].format(**words))
+        captions.append(spec.templates[template_index].format(**words))
     return captions
 
 
-def _sample_attributes(
-    rng: np.random.Generator, combos: list[tuple[str, str, str]]
-) -> dict[str, Any]:
+def prompt_caption(attributes: dict[str, str], spec: VariantSpec) -> str:
+    """The one wording evaluations prompt with: the variant's first template and first words
+    (variant a: "a small red circle on a blue background")."""
+    return spec.templates[0].format(
+        shape=spec.shape_words[attributes["shape"]][0],
+        size=spec.size_words[attributes["size"]][0],
+        color=attributes["color"],
+        background=attributes["background"],
+    )
+
+
+def _sample_attributes(rng: np.random.Generator, combos: list[Triple]) -> dict[str, Any]:
     shape, color, background = combos[int(rng.integers(len(combos)))]
     size = str(rng.choice(list(SIZES)))
     margin = SIZES[size] / 2 + 0.04
@@ -153,7 +236,7 @@ def _write_split(
     root: Path,
     split: str,
     count: int,
-    combos: list[tuple[str, str, str]],
+    combos: list[Triple],
     config: SyntheticConfig,
     first_id: int,
     rng: np.random.Generator,
@@ -165,14 +248,7 @@ def _write_split(
         image_id = first_id + offset
         attributes = _sample_attributes(rng, combos)
         file_name = f"{image_id:012d}.jpg"
-        picture = _draw_shape(
-            attributes["shape"],
-            attributes["color"],
-            attributes["background"],
-            attributes["size"],
-            tuple(attributes["center"]),
-            config.image_size_px,
-        )
+        picture = _draw_shape(attributes, config.variant_spec.palette, config.image_size_px)
         picture.save(folder / file_name, quality=95)
         images.append(
             {
@@ -183,7 +259,7 @@ def _write_split(
                 "attributes": attributes,
             }
         )
-        for caption in _captions(rng, attributes):
+        for caption in _captions(rng, attributes, config.variant_spec):
             annotations.append(
                 {"id": len(annotations) + first_id * 10, "image_id": image_id, "caption": caption}
             )
@@ -201,12 +277,20 @@ def _write_split(
     )
 
 
-def _manifest(config: SyntheticConfig, heldout: list[tuple[str, str, str]]) -> dict[str, Any]:
+def _manifest(config: SyntheticConfig, heldout: list[Triple]) -> dict[str, Any]:
+    recorded = asdict(config)
+    if config.variant == ORIGINAL_VARIANT:  # so sets written before variants existed stay current
+        del recorded["variant"]
     return {
         "generator_version": GENERATOR_VERSION,
-        "config": asdict(config),
+        "config": recorded,
         "heldout_combinations": [list(c) for c in heldout],
     }
+
+
+def manifest_config(manifest: dict[str, Any]) -> SyntheticConfig:
+    """The config a ``synthetic.json`` records (one without a variant is variant a's)."""
+    return SyntheticConfig(**manifest["config"])
 
 
 def generate_synthetic_dataset(root: str | Path, config: SyntheticConfig) -> Path:
@@ -224,7 +308,7 @@ def generate_synthetic_dataset(root: str | Path, config: SyntheticConfig) -> Pat
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "annotations").mkdir(parents=True)
-    rng = np.random.default_rng(config.seed)
+    rng = config.rng()
     _write_split(staging, "train", config.num_train, train_combos, config, 1, rng)
     _write_split(staging, "val", config.num_val, train_combos, config, 1_000_001, rng)
     _write_split(staging, "heldout", config.num_heldout, heldout_combos, config, 2_000_001, rng)
@@ -234,18 +318,19 @@ def generate_synthetic_dataset(root: str | Path, config: SyntheticConfig) -> Pat
     return root
 
 
-def _nearest_palette_color(rgb: np.ndarray) -> str:
-    names = list(PALETTE)
-    distances = [float(np.linalg.norm(rgb - np.array(PALETTE[name]))) for name in names]
+def _nearest_palette_color(rgb: np.ndarray, palette: Palette) -> str:
+    names = list(palette)
+    distances = [float(np.linalg.norm(rgb - np.array(palette[name]))) for name in names]
     return names[int(np.argmin(distances))]
 
 
-def read_attributes(image: Image.Image | np.ndarray) -> dict[str, str]:
+def read_attributes(image: Image.Image | np.ndarray, palette: Palette) -> dict[str, str]:
     """Recover shape, colour, background and size from pixels alone.
 
     Background: the median colour of the border. Shape: the pixels far from it; its colour is
     their median, its size the extent of their bounding box, and its kind the fraction of that
-    box it fills (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2).
+    box it fills (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2). Colours are named after the nearest
+    colour of ``palette``, which must be the palette of the set the image belongs to.
     """
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     pixels = pixels.astype(np.float64)
@@ -255,7 +340,7 @@ def read_attributes(image: Image.Image | np.ndarray) -> dict[str, str]:
     mask = np.linalg.norm(pixels - background_rgb, axis=-1) > 60
     if mask.sum() < 4:
         return {
-            "background": _nearest_palette_color(background_rgb),
+            "background": _nearest_palette_color(background_rgb, palette),
             "shape": "none",
             "color": "none",
             "size": "none",
@@ -268,8 +353,8 @@ def read_attributes(image: Image.Image | np.ndarray) -> dict[str, str]:
     threshold = (SIZES["small"] + SIZES["large"]) / 2
     return {
         "shape": shape,
-        "color": _nearest_palette_color(np.median(pixels[mask], axis=0)),
-        "background": _nearest_palette_color(background_rgb),
+        "color": _nearest_palette_color(np.median(pixels[mask], axis=0), palette),
+        "background": _nearest_palette_color(background_rgb, palette),
         "size": "small" if extent < threshold else "large",
     }
 
@@ -279,7 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default="data/synthetic", help="output folder")
     defaults = SyntheticConfig()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        choices = sorted(VARIANTS) if name == "variant" else None
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, type=type(value), default=value, choices=choices)
     args = vars(parser.parse_args(argv))
     root = generate_synthetic_dataset(args.pop("root"), SyntheticConfig(**args))
     print(f"Synthetic dataset ready in {root}")

@@ -6,7 +6,10 @@ exact schedule and objective it was trained with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ldm.config_keys import refuse_unknown_keys
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -29,8 +32,8 @@ class ScheduleConfig:
     beta_schedule: str = "linear"
     beta_start: float | None = None
     beta_end: float | None = None
-    rescale_zero_terminal_snr: bool = False
-    prediction_type: str = "epsilon"
+    rescale_zero_terminal_snr: bool = True
+    prediction_type: str = "v_prediction"
     loss_weighting: str = "mse"
     min_snr_gamma: float = 5.0
 
@@ -61,6 +64,13 @@ class ScheduleConfig:
                 "divides by zero). Set diffusion.prediction_type=v_prediction, or turn the "
                 "rescaling off."
             )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ScheduleConfig:
+        """Build from the ``diffusion`` node (a plain dict); a mistyped key is refused with
+        its close match instead of a bare TypeError."""
+        refuse_unknown_keys("diffusion", raw, {f.name for f in fields(cls)})
+        return cls(**raw)
 
     @property
     def beta_range(self) -> tuple[float, float]:

@@ -5,7 +5,8 @@ The judge is :func:`ldm.data.synthetic.read_attributes`, which reads the attribu
 the pixels. A judge is only worth its verdicts if it is right on images whose answers are known,
 so :func:`check_analyser` first reads images straight from the synthetic generator (with the
 attributes it recorded), at the resolution the samples will be judged at, and an evaluation
-refuses to run when any attribute is read right less than 99% of the time.
+refuses to run when any attribute is read right less than 99% of the time. Colours are named
+after the palette of the set being judged (its variant, recorded in ``synthetic.json``).
 
 Beside each accuracy stand its chance level (1/7 background, 1/8 colour, 1/3 shape, 1/2 size)
 and the VAE ceiling: how often an attribute survives a VAE round trip of a generator image.
@@ -27,7 +28,11 @@ from PIL import Image
 from ldm.data.synthetic import (
     SIZES,
     SPLIT_FOLDERS,
+    Palette,
     SyntheticConfig,
+    VariantSpec,
+    manifest_config,
+    prompt_caption,
     read_attributes,
     split_combinations,
 )
@@ -69,6 +74,15 @@ class AnalyserCheck:
         }
 
 
+class PromptSets(dict[str, dict[str, Attributes]]):
+    """Split → prompt → the attributes it asks for, with the palette that names their colours:
+    the judge needs that palette to read a sample's colours back."""
+
+    def __init__(self, splits: dict[str, dict[str, Attributes]], palette: Palette) -> None:
+        super().__init__(splits)
+        self.palette = palette
+
+
 @dataclass(frozen=True)
 class SplitAdherence:
     """Attribute accuracy of the samples for one split's prompts."""
@@ -92,41 +106,52 @@ def read_manifest(data_root: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def dataset_config(data_root: Path) -> SyntheticConfig:
+    """The config the synthetic set under ``data_root`` was generated with, variant included."""
+    return manifest_config(read_manifest(data_root))
+
+
 def prompts_for(
-    combos: Sequence[tuple[str, str, str]], count: int, seed: int
+    combos: Sequence[tuple[str, str, str]], count: int, seed: int, spec: VariantSpec
 ) -> dict[str, Attributes]:
     """``count`` prompts (seeded choice of combination and size) and the attributes they ask for.
 
-    Every prompt uses the first caption template ("a small red circle on a blue background").
+    Every prompt uses the variant's first caption template and first words (variant a: "a small
+    red circle on a blue background"), so it is worded as the set's own captions are.
     """
     rng = np.random.default_rng(seed)
     chosen: dict[str, Attributes] = {}
     for position in rng.permutation(len(combos))[:count]:
         shape, color, background = combos[position]
         size = str(rng.choice(list(SIZES)))
-        prompt = f"a {size} {color} {shape} on a {background} background"
-        chosen[prompt] = {"shape": shape, "color": color, "background": background, "size": size}
+        wanted = {"shape": shape, "color": color, "background": background, "size": size}
+        chosen[prompt_caption(wanted, spec)] = wanted
     return chosen
 
 
-def prompt_sets(data_root: Path, num_prompts: int) -> dict[str, dict[str, Attributes]]:
+def prompt_sets(data_root: Path, num_prompts: int) -> PromptSets:
     """The prompts of each split: training combinations and held-out ones."""
     manifest = read_manifest(data_root)
-    train_combos, _ = split_combinations(SyntheticConfig(**manifest["config"]))
+    config = manifest_config(manifest)
+    train_combos, _ = split_combinations(config)
     heldout_combos = [tuple(combo) for combo in manifest["heldout_combinations"]]
     combos = {"train": train_combos, "heldout": heldout_combos}
-    return {
-        split: prompts_for(combos[split], num_prompts, seed)
+    splits = {
+        split: prompts_for(combos[split], num_prompts, seed, config.variant_spec)
         for split, seed in PROMPT_SPLITS.items()
     }
+    return PromptSets(splits, config.variant_spec.palette)
 
 
-def attribute_accuracy(judged: Iterable[tuple[Attributes, Image.Image | np.ndarray]]) -> dict:
-    """Per attribute, the share of images whose pixels show what was asked."""
+def attribute_accuracy(
+    judged: Iterable[tuple[Attributes, Image.Image | np.ndarray]], palette: Palette
+) -> dict:
+    """Per attribute, the share of images whose pixels show what was asked (colours named
+    after ``palette``, the palette of the set the prompts come from)."""
     hits = dict.fromkeys(ATTRIBUTES, 0)
     count = 0
     for wanted, image in judged:
-        seen = read_attributes(image)
+        seen = read_attributes(image, palette)
         for name in ATTRIBUTES:
             hits[name] += seen[name] == wanted[name]
         count += 1
@@ -135,14 +160,12 @@ def attribute_accuracy(judged: Iterable[tuple[Attributes, Image.Image | np.ndarr
     return {name: hits[name] / count for name in ATTRIBUTES}
 
 
-def measure_adherence(
-    prompts: dict[str, dict[str, Attributes]], generate: Generate
-) -> dict[str, SplitAdherence]:
+def measure_adherence(prompts: PromptSets, generate: Generate) -> dict[str, SplitAdherence]:
     """Generate for each split's prompts and judge every image against its prompt."""
     results = {}
     for split, asked in prompts.items():
         judged = [(asked[prompt], image) for prompt, image in generate(split, list(asked))]
-        results[split] = SplitAdherence(attribute_accuracy(judged), len(judged))
+        results[split] = SplitAdherence(attribute_accuracy(judged, prompts.palette), len(judged))
     return results
 
 
@@ -161,12 +184,12 @@ def generator_images(data_root: Path, max_images: int) -> list[tuple[Path, Attri
 
 def check_analyser(data_root: Path, resolution_px: int, max_images: int = 200) -> AnalyserCheck:
     """Read generator images, resized to the judging resolution, and score the analyser."""
-    read_manifest(data_root)  # a clear message when this is not the synthetic set
+    palette = dataset_config(data_root).variant_spec.palette
     pairs = generator_images(data_root, max_images)
     judged = (
         (wanted, _as_array(eval_pixels(Image.open(path), resolution_px))) for path, wanted in pairs
     )
-    return AnalyserCheck(attribute_accuracy(judged), len(pairs), resolution_px)
+    return AnalyserCheck(attribute_accuracy(judged, palette), len(pairs), resolution_px)
 
 
 def require_reliable_analyser(check: AnalyserCheck) -> None:
@@ -190,12 +213,13 @@ def require_reliable_analyser(check: AnalyserCheck) -> None:
 def vae_ceiling(vae: VAE, data_root: Path, resolution_px: int, num_images: int) -> SplitAdherence:
     """How often each attribute the generator drew is still read from the VAE reconstruction
     of its image: an upper bound for what samples decoded by this VAE can show."""
+    palette = dataset_config(data_root).variant_spec.palette
     pairs = generator_images(data_root, num_images)
     judged = []
     for path, drawn in pairs:
         original = eval_pixels(Image.open(path), resolution_px)
         judged.append((drawn, _as_array(reconstruct(vae, original[None])[0].cpu())))
-    return SplitAdherence(attribute_accuracy(judged), len(judged))
+    return SplitAdherence(attribute_accuracy(judged, palette), len(judged))
 
 
 def _as_array(pixels: torch.Tensor) -> np.ndarray:

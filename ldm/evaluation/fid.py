@@ -7,7 +7,7 @@ and it resizes them to 299 px itself (bilinear, antialiased). Any ``nn.Module`` 
 (B, 3, R, R) uint8 batch to (B, D) features can stand in for it — the tests inject a tiny one.
 
 The metric keeps the real images' statistics across ``reset()``, so a sweep extracts the real
-features once and only the generated ones per setting.
+features once and only the generated ones per setting (a training curve: per measurement).
 """
 
 from __future__ import annotations
@@ -31,31 +31,40 @@ INCEPTION_DESCRIPTION = "Inception-v3 FID network (torch-fidelity 'inception-v3-
 
 @dataclass(frozen=True)
 class FidSettings:
-    """``conf/evaluate.yaml``'s ``fid`` group."""
+    """``conf/evaluate.yaml``'s ``fid`` group (``evaluation.fid`` in ``conf/train_unet.yaml``)."""
 
     feature_dim: int = 2048
     weights_file: Path | None = None  # a local copy of the Inception weights: no download
+    config_key: str = "fid"  # where these settings are set, so messages name the right override
 
     def __post_init__(self) -> None:
         if self.feature_dim not in FEATURE_DIMS:
             raise EvaluationError(
-                f"fid.feature_dim={self.feature_dim} is not an Inception-v3 feature layer; "
-                f"choose one of {FEATURE_DIMS} (2048 is the standard FID)."
+                f"{self.config_key}.feature_dim={self.feature_dim} is not an Inception-v3 "
+                f"feature layer; choose one of {FEATURE_DIMS} (2048 is the standard FID)."
             )
         if self.weights_file is not None and not Path(self.weights_file).is_file():
             raise EvaluationError(
-                f"fid.weights_file={self.weights_file} does not exist; point it at a copy of "
-                f"{INCEPTION_WEIGHTS_FILE}, or set it to null to use (or fill) torch's hub cache."
+                f"{self.config_key}.weights_file={self.weights_file} does not exist; point it at "
+                f"a copy of {INCEPTION_WEIGHTS_FILE}, or set it to null to use (or fill) torch's "
+                "hub cache."
             )
 
 
 def build_fid(
     settings: FidSettings, feature_extractor: nn.Module | None = None
 ) -> FrechetInceptionDistance:
-    """A FID metric over uint8 images; ``feature_extractor`` replaces Inception (tests)."""
+    """A FID metric over uint8 images; ``feature_extractor`` replaces Inception (tests).
+
+    Each process measures only its own images: during training rank zero alone does, and a
+    cross-process sync in ``compute()`` would wait forever for the others.
+    """
     if feature_extractor is not None:
         return FrechetInceptionDistance(
-            feature=feature_extractor, reset_real_features=False, normalize=False
+            feature=feature_extractor,
+            reset_real_features=False,
+            normalize=False,
+            sync_on_compute=False,
         )
     if importlib.util.find_spec("torch_fidelity") is None:
         raise EvaluationError(
@@ -69,13 +78,16 @@ def build_fid(
             reset_real_features=False,
             normalize=False,
             feature_extractor_weights_path=weights,
+            sync_on_compute=False,
         )
     # torch.hub reports a failed download as URLError/HTTPError (OSErrors) or a RuntimeError.
     except (OSError, RuntimeError) as error:
-        raise MetricWeightsUnavailableError(inception_unavailable_message(error)) from None
+        raise MetricWeightsUnavailableError(
+            inception_unavailable_message(error, settings.config_key)
+        ) from None
 
 
-def inception_unavailable_message(error: BaseException) -> str:
+def inception_unavailable_message(error: BaseException, config_key: str) -> str:
     """What failed, where the weights come from and are cached, and how to get them offline."""
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
     return (
@@ -85,7 +97,7 @@ def inception_unavailable_message(error: BaseException) -> str:
         '`python -c "from torchmetrics.image.fid import FrechetInceptionDistance as F; '
         'F(feature=2048)"` once on a connected machine and copy '
         f"{INCEPTION_WEIGHTS_FILE} from its torch hub cache (~/.cache/torch/hub/checkpoints by "
-        f"default) into {cache_dir} here, or pass fid.weights_file=/path/to/it."
+        f"default) into {cache_dir} here, or pass {config_key}.weights_file=/path/to/it."
     )
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import wandb
-
 from ldm.evaluation.results import sweep_table
 from ldm.runs import wandb_offline_requested
 
@@ -19,6 +17,8 @@ def log_to_wandb(
     logger_cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], plot_path: Path | None
 ) -> None:
     """One W&B run holding what ``results.md`` shows; its config is the results' settings."""
+    import wandb  # here, not at module level: evaluating with logger=none needs no wandb
+
     run = wandb.init(
         project=logger_cfg.get("project") or "ldm-coco",
         entity=logger_cfg.get("entity"),

@@ -13,6 +13,12 @@ from typing import Any
 import open_clip
 
 from ldm.checkpoints import file_fingerprint
+from ldm.config_keys import refuse_unknown_keys
+
+# The project's own open_clip architectures (e.g. ``ldm-small-text``, the demo's random-init
+# tower: 2 layers of width 256), registered beside open_clip's so model_name accepts them.
+PROJECT_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(PROJECT_MODEL_CONFIGS)
 
 
 @dataclass(frozen=True)
@@ -48,13 +54,7 @@ class TextEncoderConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TextEncoderConfig:
         """Build from the ``text_encoder`` node (a plain dict); unknown keys are refused."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown text_encoder config keys {unknown}; known: {sorted(known)}. "
-                "Check the spelling in conf/text_encoder/."
-            )
+        refuse_unknown_keys("text_encoder", raw, {f.name for f in fields(cls)})
         return cls(**raw)
 
     @property

@@ -21,14 +21,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from ldm.data.transforms import model_tensor_to_uint8
-from ldm.evaluation.adherence import Attributes, attribute_accuracy
+from ldm.evaluation.adherence import PromptSets, attribute_accuracy
 from ldm.pipeline import SamplingOptions
 
 log = logging.getLogger(__name__)
 
 
 class AdherenceCurves(Callback):
-    """Samples ``prompts[split]`` (hidden states in ``contexts[split]``) every ``every_n_steps``.
+    """Samples ``prompts[split]`` (hidden states in ``contexts[split]``) every ``every_n_steps``
+    and judges the samples with the palette ``prompts`` carries (that of the set trained on).
 
     ``pl_module`` must offer ``sampling_pipeline()``, ``ema.swapped_in(unet)``, ``unet`` and
     ``empty_context`` (:class:`~ldm.training.diffusion_module.LatentDiffusionModule` does).
@@ -36,7 +37,7 @@ class AdherenceCurves(Callback):
 
     def __init__(
         self,
-        prompts: dict[str, dict[str, Attributes]],
+        prompts: PromptSets,
         contexts: dict[str, Tensor],
         *,
         every_n_steps: int,
@@ -54,6 +55,7 @@ class AdherenceCurves(Callback):
         self.options = SamplingOptions(**sampling)
         self.images_per_prompt = images_per_prompt
         self.seed = seed
+        self._measured_step = 0  # once per optimizer step, whatever the gradient accumulation
 
     @rank_zero_only
     def on_train_batch_end(
@@ -64,8 +66,10 @@ class AdherenceCurves(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if trainer.global_step % self.every_n_steps or trainer.sanity_checking:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._measured_step or trainer.sanity_checking:
             return
+        self._measured_step = step
         metrics = self.measure(pl_module)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step - 1)
@@ -90,6 +94,7 @@ class AdherenceCurves(Callback):
                 )
                 pixels = model_tensor_to_uint8(images.float().cpu()).permute(0, 2, 3, 1).numpy()
                 wanted = [attributes for attributes in asked.values() for _ in range(repeats)]
-                accuracy = attribute_accuracy(zip(wanted, np.asarray(pixels), strict=True))
+                judged = zip(wanted, np.asarray(pixels), strict=True)
+                accuracy = attribute_accuracy(judged, self.prompts.palette)
                 metrics |= {f"eval/adherence_{split}_{name}": v for name, v in accuracy.items()}
         return metrics

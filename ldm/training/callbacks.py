@@ -108,6 +108,7 @@ class ThroughputLogger(Callback):
         self._resumed_at = 0.0
         self._seconds = 0.0
         self._samples = 0
+        self._logged_step = 0  # one rate per optimizer step, whatever the accumulation
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -131,7 +132,8 @@ class ThroughputLogger(Callback):
             self._log(trainer, {"perf/first_step_seconds": seconds})
             return
         self._samples += self.batch_size_fn(batch) * trainer.world_size
-        if logging_due(trainer) and self._timing:
+        if logging_due(trainer) and self._timing and trainer.global_step != self._logged_step:
+            self._logged_step = trainer.global_step
             self._pause(pl_module)
             self._log(trainer, {"perf/samples_per_second": self._samples / self._seconds})
             self._seconds, self._samples = 0.0, 0

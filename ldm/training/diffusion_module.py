@@ -72,8 +72,13 @@ class LatentDiffusionModule(FastTrainingModule):
         seed: int = 0,
         compile_mode: str = "none",
         fused_optimizer: bool = False,
+        max_consecutive_nonfinite: int | None = 10,
     ) -> None:
-        super().__init__(compile_mode=compile_mode, fused_optimizer=fused_optimizer)
+        super().__init__(
+            compile_mode=compile_mode,
+            fused_optimizer=fused_optimizer,
+            max_consecutive_nonfinite=max_consecutive_nonfinite,
+        )
         if not 0 <= cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
         self.save_hyperparameters()
@@ -176,8 +181,8 @@ class LatentDiffusionModule(FastTrainingModule):
         super().optimizer_step(*args, **kwargs)
         self.ema.update(self.unet)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.log_window_if_due({"train/ema_decay": self.ema.decay})
+    def host_metrics(self) -> dict[str, float]:
+        return {"train/ema_decay": self.ema.decay}
 
     def validation_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Per-sample loss at fixed timesteps (spread over [0, T)) from the posterior mean, with
@@ -191,15 +196,21 @@ class LatentDiffusionModule(FastTrainingModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses, t = self.validation_losses(batch)
-        self.log("val/loss", losses.mean(), prog_bar=True, batch_size=losses.shape[0])
+        # Averaged over the processes' shards at the epoch's end (not per step).
+        self.log(
+            "val/loss", losses.mean(), prog_bar=True, batch_size=losses.shape[0], sync_dist=True
+        )
         self._val_window.add(self._bucket_names("val"), *self._bucket_sums(losses, t))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_window:
             return
-        for name, value in self._val_window.read_means().items():
+        for name, value in self._val_window.read_means(self.sum_over_processes).items():
+            # Already exact over all processes and identical in each, so every process skips
+            # the same empty buckets; sync_dist=True only averages equal values (and tells
+            # Lightning that this epoch metric is a global one).
             if not torch.isnan(value):
-                self.log(name, value, on_step=False, on_epoch=True)
+                self.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
 
     def sampling_pipeline(self) -> LatentDiffusionPipeline:
         if self._frozen.vae is None:

@@ -33,8 +33,13 @@ class VAEModule(FastTrainingModule):
         compile_mode: str = "none",
         fused_optimizer: bool = False,
         channels_last: bool = False,
+        max_consecutive_nonfinite: int | None = 10,
     ) -> None:
-        super().__init__(compile_mode=compile_mode, fused_optimizer=fused_optimizer)
+        super().__init__(
+            compile_mode=compile_mode,
+            fused_optimizer=fused_optimizer,
+            max_consecutive_nonfinite=max_consecutive_nonfinite,
+        )
         self.save_hyperparameters()
         self.vae = VAE(VAEConfig.from_dict(model))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -93,19 +98,28 @@ class VAEModule(FastTrainingModule):
         )
         self.window.add(tuple(f"train/latent_std_c{c}" for c in channels), detached.std((0, 2, 3)))
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.log_window_if_due()
-
     def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> None:
+        # Epoch means, averaged over the processes' validation shards once, at the epoch's end.
         for name, value in losses.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "total", batch_size=batch_size)
+            self.log(
+                f"{stage}/{name}",
+                value,
+                prog_bar=name == "total",
+                batch_size=batch_size,
+                sync_dist=True,
+            )
 
     def _log_latent_channels(self, stage: str, latents: Tensor, batch_size: int) -> None:
         detached = latents.detach().float()
         means, stds = detached.mean(dim=(0, 2, 3)), detached.std(dim=(0, 2, 3))
         for channel in range(detached.shape[1]):
-            self.log(f"{stage}/latent_mean_c{channel}", means[channel], batch_size=batch_size)
-            self.log(f"{stage}/latent_std_c{channel}", stds[channel], batch_size=batch_size)
+            for name, values in (("mean", means), ("std", stds)):
+                self.log(
+                    f"{stage}/latent_{name}_c{channel}",
+                    values[channel],
+                    batch_size=batch_size,
+                    sync_dist=True,
+                )
 
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         """Deterministic: reconstruct from the posterior mean, so runs compare exactly."""

@@ -15,10 +15,15 @@ from ldm.checkpoints import save_vae_export
 from ldm.data.datamodule import CaptionedImageDataModule
 from ldm.latent_stats import measure_latent_statistics
 from ldm.progress import progress_bar
-from ldm.runs import point_latest_at, start_run
+from ldm.runs import point_latest_at, resolve_checkpoint, start_run
 from ldm.training.callbacks import ImageLogger, ThroughputLogger
 from ldm.training.checkpointing import checkpoint_callbacks
-from ldm.training.loggers import build_logger, close_logger, log_final_metrics
+from ldm.training.loggers import (
+    build_logger,
+    close_logger,
+    closed_on_failure,
+    log_final_metrics,
+)
 from ldm.training.trainer import build_trainer
 from ldm.training.vae_module import VAEModule
 
@@ -134,6 +139,7 @@ def measure_and_export(
 def run_vae_stage(cfg: DictConfig, run_dir: Path | None = None) -> VAEStageResult:
     """Train (unless ``train=false``), then measure latent statistics and export."""
     context = start_run(cfg, run_dir)
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.runs_dir) / cfg.stage)
     datamodule = CaptionedImageDataModule.from_config(
         cfg.data,
         context.device.loader,
@@ -141,6 +147,7 @@ def run_vae_stage(cfg: DictConfig, run_dir: Path | None = None) -> VAEStageResul
         cache_dir=Path(cfg.paths.cache_dir),
         train_device=context.device.torch_device,  # data.image_cache=auto: on for CUDA
     )
+    datamodule.prepare_data_per_node = cfg.trainer.prepare_data_per_node
     module = VAEModule(
         model=_container(cfg.model.vae),
         optim=_container(cfg.optim),
@@ -149,10 +156,11 @@ def run_vae_stage(cfg: DictConfig, run_dir: Path | None = None) -> VAEStageResul
         compile_mode=context.device.compile_mode,
         fused_optimizer=context.device.fused_optimizer,
         channels_last=context.device.channels_last,
+        max_consecutive_nonfinite=cfg.trainer.max_consecutive_nonfinite,
     )
     datamodule.train_randomness = module.step_randomness(cfg.data.image_size)
     log.info("VAE parameters: %s", f"{module.num_parameters:,}")
-    logger = build_logger(_container(cfg.logger), context.run_dir)
+    logger = build_logger(_container(cfg.logger), context.run_dir, resume_from=ckpt_path)
     callbacks, best = _callbacks(cfg, context.run_dir, with_logger=logger is not None)
     trainer = build_trainer(
         _container(cfg.trainer),
@@ -165,19 +173,23 @@ def run_vae_stage(cfg: DictConfig, run_dir: Path | None = None) -> VAEStageResul
         logger.log_hyperparams({"vae_parameters": module.num_parameters})
 
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        with closed_on_failure(logger):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         log_final_metrics(trainer, prefix="val/")
         checkpoint = Path(best.best_model_path or context.run_dir / "checkpoints" / "last.ckpt")
         if trainer.fast_dev_run:
             close_logger(logger)
             return VAEStageResult(context.run_dir, Path(), Path(), {})
-    elif cfg.ckpt_path is None:
+    elif ckpt_path is None:
         raise ValueError(
             "train=false measures and exports an existing checkpoint: also give "
             "ckpt_path=runs/vae/<run>/checkpoints/<file>.ckpt"
         )
     else:
-        checkpoint = Path(cfg.ckpt_path)
+        checkpoint = ckpt_path
+    if not trainer.is_global_zero:  # global rank 0 alone measures and exports
+        close_logger(logger)
+        return VAEStageResult(context.run_dir, Path(), Path(), {})
     if not checkpoint.is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {checkpoint}")
     _load_weights(module, checkpoint)

@@ -1,0 +1,111 @@
+"""``make demo``: the whole pipeline on the embedded synthetic set, then one summary.
+
+Runs the same commands a user would type — generate the data, ``train_vae.py``,
+``train_unet.py``, ``sample.py``, ``evaluate.py metrics=[adherence]`` — each in its own process
+with its own progress bars, and ends with what a newcomer wants to know: how long each stage
+took, how often the samples show what the prompts ask (with chance and the VAE's ceiling beside
+it), and where the pictures are.
+
+    python demo.py [--prompt "a small red circle on a blue background"] [--root data/synthetic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+ADHERENCE_HEADING = "## Prompt adherence"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One command of the demo and what to call it in the summary."""
+
+    name: str
+    command: list[str]
+
+
+def demo_stages(prompt: str, data_root: Path, out_dir: Path) -> list[Stage]:
+    """The demo's commands in order; each stage reads what the one before it wrote."""
+    python = sys.executable
+    demo = ["experiment=demo", f"data.root={data_root}"]
+    return [
+        Stage("synthetic data", [python, "-m", "ldm.data.synthetic", f"--root={data_root}"]),
+        Stage("VAE (stage 1)", [python, "train_vae.py", *demo]),
+        Stage("U-Net (stage 2, caches included)", [python, "train_unet.py", *demo]),
+        Stage(
+            "samples",
+            [python, "sample.py", *demo, f"prompt={prompt}", "n=4", f"out_dir={out_dir}/samples"],
+        ),
+        Stage(
+            "adherence evaluation",
+            [
+                python,
+                "evaluate.py",
+                *demo,
+                "metrics=[adherence]",
+                "cfg_scales=[1,3,7.5]",
+                # ≥ 96 images per split: 24 training prompts × 4, 17 held-out combinations × 6.
+                "adherence.prompts=24",
+                "adherence.images_per_prompt=6",
+                f"out_dir={out_dir}/evaluation",
+            ],
+        ),
+    ]
+
+
+def run_stage(stage: Stage) -> float:
+    """Run one stage with its output shown live; its wall time in seconds."""
+    print(f"\n=== {stage.name}: {' '.join(stage.command[1:])}", flush=True)
+    started = time.perf_counter()
+    completed = subprocess.run(stage.command, cwd=ROOT, check=False)
+    if completed.returncode != 0:
+        sys.exit(f"demo.py: the {stage.name} stage failed (exit status {completed.returncode}).")
+    return time.perf_counter() - started
+
+
+def adherence_table(results_markdown: Path) -> str:
+    """The adherence section of ``evaluate.py``'s results.md (chance and VAE ceiling included)."""
+    text = results_markdown.read_text()
+    start = text.find(ADHERENCE_HEADING)
+    if start < 0:
+        return f"(no adherence table in {results_markdown})"
+    end = text.find("\n## ", start + len(ADHERENCE_HEADING))
+    return text[start : end if end > 0 else len(text)].strip()
+
+
+def summary(timings: list[tuple[str, float]], out_dir: Path) -> str:
+    total = sum(seconds for _, seconds in timings)
+    width = max(len(name) for name, _ in timings)
+    lines = ["", "=" * 72, "Demo finished", "", "Time per stage:"]
+    lines += [f"  {name:<{width}}  {seconds / 60:5.1f} min" for name, seconds in timings]
+    lines += [f"  {'total':<{width}}  {total / 60:5.1f} min", ""]
+    lines += [adherence_table(out_dir / "evaluation" / "results.md"), ""]
+    grids = sorted((out_dir / "samples").glob("*-grid.png"))
+    lines += [f"Sample grid: {grid}" for grid in grids]
+    lines += [f"Evaluation (JSON, table, plot, every sample): {out_dir / 'evaluation'}", "=" * 72]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", default="a small red circle on a blue background")
+    parser.add_argument("--root", type=Path, default=Path("data/synthetic"), help="data folder")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/demo/<date_time>")
+    args = parser.parse_args(argv)
+    out_dir = args.out or Path("runs/demo") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    timings = [
+        (stage.name, run_stage(stage))
+        for stage in demo_stages(args.prompt, args.root.resolve(), out_dir.resolve())
+    ]
+    print(summary(timings, out_dir.resolve()))
+
+
+if __name__ == "__main__":
+    main()

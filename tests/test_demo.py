@@ -1,0 +1,65 @@
+"""The demo's closing summary: stage times, the adherence table and where the grids are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from demo import summary
+
+RESULTS = """# Evaluation
+
+- U-Net: `runs/unet/x/export`
+
+## Guidance sweep
+
+| sampler | steps | cfg scale | train bg/colour/shape/size % |
+|---|---|---|---|
+| ddim | 25 | 3 | 100/90/80/85 |
+
+## Prompt adherence (% of images showing the asked attribute)
+
+|  | images | background | color | shape | size |
+|---|---|---|---|---|---|
+| chance |  | 14.3 | 12.5 | 33.3 | 50.0 |
+| ddim 25 steps, cfg 3: heldout | 102 | 99.0 | 91.2 | 70.6 | 88.2 |
+
+## Reconstruction
+
+| psnr | 30.1 |
+"""
+
+
+def write_demo_outputs(out_dir: Path) -> Path:
+    (out_dir / "evaluation").mkdir(parents=True)
+    (out_dir / "evaluation" / "results.md").write_text(RESULTS)
+    (out_dir / "samples").mkdir()
+    grid = out_dir / "samples" / "000-a-red-circle-grid.png"
+    grid.write_bytes(b"png")
+    return grid
+
+
+def test_summary_lists_each_stage_time_and_their_total(tmp_path: Path) -> None:
+    write_demo_outputs(tmp_path)
+
+    text = summary([("VAE (stage 1)", 90.0), ("U-Net", 150.0)], tmp_path)
+
+    assert "VAE (stage 1)    1.5 min" in text
+    assert "U-Net            2.5 min" in text
+    assert "total            4.0 min" in text
+
+
+def test_summary_shows_the_adherence_table_and_no_other_section(tmp_path: Path) -> None:
+    write_demo_outputs(tmp_path)
+
+    text = summary([("samples", 1.0)], tmp_path)
+
+    assert "ddim 25 steps, cfg 3: heldout | 102 | 99.0 | 91.2 | 70.6 | 88.2" in text
+    assert "| chance |" in text
+    assert "Guidance sweep" not in text
+    assert "Reconstruction" not in text
+
+
+def test_summary_points_at_the_sample_grid(tmp_path: Path) -> None:
+    grid = write_demo_outputs(tmp_path)
+
+    assert f"Sample grid: {grid}" in summary([("samples", 1.0)], tmp_path)
