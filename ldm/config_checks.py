@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.config_keys import UnknownConfigKeyError, unknown_key_line, unknown_keys_message
@@ -103,6 +104,25 @@ def refuse_file_in_the_way(name: str, path: Path) -> None:
                 f"{name}={path} {where} a file, so nothing can be written into it. Point "
                 f"{name} at a directory (or move the file away)."
             )
+
+
+class OutputDirCheck(Callback):
+    """Hydra creates the run folder before any of our code runs: a file standing where it must
+    go would end in a traceback from inside Hydra, so this callback refuses it first."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._refuse_file_at("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._refuse_file_at("hydra.sweep.dir", config.hydra.sweep.dir)
+
+    @staticmethod
+    def _refuse_file_at(name: str, path: str) -> None:
+        try:
+            refuse_file_in_the_way(name, Path(path))
+        except NotADirectoryError as error:
+            hint = "it is built from paths.runs_dir (out_dir in sample.py and evaluate.py)"
+            raise SystemExit(f"Error: {error} ({name}: {hint})") from None
 
 
 def refuse_half_precision_ema(precision: str, ema_decay_max: float) -> None:

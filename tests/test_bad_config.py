@@ -7,6 +7,8 @@ the config composed as ``train_*.py`` composes it).
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -309,3 +311,23 @@ def test_a_latent_cache_dir_that_is_a_file_is_refused(
     blocking.write_text("in the way")
     with pytest.raises(NotADirectoryError, match=rf"cache\.dir={blocking} is a file"):
         run_unet(synthetic_overrides, vae_export, f"cache.dir={blocking}", run_dir=tmp_path / "r")
+
+
+@pytest.mark.parametrize("script", ["train_vae.py", "sample.py"])
+def test_an_entry_script_refuses_a_run_folder_under_a_file_before_hydra_creates_it(
+    tmp_path: Path, script: str
+) -> None:
+    in_the_way = tmp_path / "runs"
+    in_the_way.write_text("not a folder")
+
+    completed = subprocess.run(
+        [sys.executable, script, "experiment=demo", f"paths.runs_dir={in_the_way}"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert completed.returncode != 0
+    assert f"lies under {in_the_way}, which is a file" in completed.stderr
+    assert "Traceback" not in completed.stderr
