@@ -15,6 +15,7 @@ templates and held-out pairs; ``conf/data/synthetic_b.yaml``), which the recipe 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -51,7 +52,14 @@ def demo_stages(prompt: str, variant: str, data_root: Path, out_dir: Path) -> li
         Stage("U-Net (stage 2, caches included)", [python, "train_unet.py", *demo]),
         Stage(
             "samples",
-            [python, "sample.py", *demo, f"prompt={prompt}", "n=4", f"out_dir={out_dir}/samples"],
+            [
+                python,
+                "sample.py",
+                *demo,
+                f"prompt={hydra_string(prompt)}",
+                "n=4",
+                f"out_dir={out_dir}/samples",
+            ],
         ),
         Stage(
             "adherence evaluation",
@@ -68,6 +76,14 @@ def demo_stages(prompt: str, variant: str, data_root: Path, out_dir: Path) -> li
             ],
         ),
     ]
+
+
+def hydra_string(text: str) -> str:
+    """``text`` quoted for a Hydra override, so commas, brackets or quotes in a prompt stay text."""
+    # Hydra reads a backslash as an escape only before a quote (or the closing quote): double
+    # those runs of backslashes and escape the quotes; every other character stays as it is.
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), text)
+    return f"'{escaped}'"
 
 
 def run_stage(stage: Stage) -> float:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from demo import summary
+import pytest
+from helpers import compose_config
+
+from demo import hydra_string, summary
 
 RESULTS = """# Evaluation
 
@@ -63,3 +66,14 @@ def test_summary_points_at_the_sample_grid(tmp_path: Path) -> None:
     grid = write_demo_outputs(tmp_path)
 
     assert f"Sample grid: {grid}" in summary([("samples", 1.0)], tmp_path)
+
+
+@pytest.mark.parametrize(
+    "prompt", ["a small disc painted magenta, set on navy", "it's [red], 'quoted' \\ text"]
+)
+def test_a_prompt_reaches_sample_py_unchanged_through_hydra(prompt: str) -> None:
+    override = f"prompt={hydra_string(prompt)}"
+
+    cfg = compose_config("sample", ["experiment=demo", override])
+
+    assert cfg.prompt == prompt
