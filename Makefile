@@ -37,7 +37,7 @@ format: install
 	$(PY) -m ruff format .
 
 coco: install
-	$(PY) data/download_coco.py --root data/coco
+	$(PY) -m ldm.data.coco_download --root data/coco
 
 clean:
 	rm -rf runs data/synthetic data/cache .pytest_cache .ruff_cache

@@ -28,9 +28,9 @@ from report import (
     write_json,
 )
 
+from ldm.caches.caption_states import build_caption_hidden_state_cache
+from ldm.caches.image_latents import build_image_latent_cache
 from ldm.data.coco_index import build_caption_index
-from ldm.data.latent_cache import build_image_latent_cache
-from ldm.data.latent_text_cache import build_caption_hidden_state_cache
 from ldm.data.synthetic import SyntheticConfig, generate_synthetic_dataset
 from ldm.models.vae import VAE, VAEConfig
 from ldm.text import FrozenTextEncoder, TextEncoderConfig

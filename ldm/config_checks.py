@@ -17,8 +17,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.config_keys import UnknownConfigKeyError, unknown_key_line, unknown_keys_message
+from ldm.data.array_store import CacheConfig
 from ldm.data.config import DataConfig
-from ldm.data.latent_store import CacheConfig
 from ldm.devices import DeviceSettings, resolve_device
 from ldm.diffusion.config import ScheduleConfig
 from ldm.models.unet import UNetConfig

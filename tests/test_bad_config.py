@@ -15,12 +15,12 @@ import pytest
 import torch
 from helpers import SMALL_SYNTHETIC, compose_config
 
-from ldm.checkpoints import save_unet_export, save_vae_export
 from ldm.config_keys import UnknownConfigKeyError
+from ldm.data.array_store import CacheConfig
 from ldm.data.config import DataConfig
-from ldm.data.latent_store import CacheConfig
 from ldm.devices import DeviceUnavailableError
 from ldm.diffusion.config import ScheduleConfig
+from ldm.exports import save_unet_export, save_vae_export
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE, VAEConfig
 from ldm.text.config import TextEncoderConfig

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import ldm.checkpoints
-from ldm.checkpoints import file_fingerprint, load_vae_export, save_vae_export
+import ldm.exports
+from ldm.exports import file_fingerprint, load_vae_export, save_vae_export
 from ldm.models import VAE, VAEConfig
 
 TINY = VAEConfig(block_channels=(8, 16), layers_per_block=1, norm_groups=4)
@@ -133,7 +133,7 @@ def test_failed_save_leaves_the_previous_export_intact(
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ldm.checkpoints, "save_file", crash)
+    monkeypatch.setattr(ldm.exports, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_vae_export(export_dir, VAE(TINY), latent_stats=STATS)
     monkeypatch.undo()

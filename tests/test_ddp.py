@@ -30,11 +30,11 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from ldm.checkpoints import save_vae_export
 from ldm.data.batch_randomness import StepRandomness
 from ldm.data.dataset import batch_as_is
 from ldm.data.sampler import ResumableDataLoader, ResumableDataModule, ResumableSampler
 from ldm.devices import resolve_device
+from ldm.exports import save_vae_export
 from ldm.models.vae import VAE, VAEConfig
 from ldm.training.diffusion_module import LatentDiffusionModule
 from ldm.training.trainer import build_trainer, training_plan
@@ -194,7 +194,7 @@ def _worker(spec_file: Path) -> None:
     import open_clip
 
     import ldm.training.unet_stage as stage
-    from ldm.data.latent_datamodule import LatentDataModule
+    from ldm.caches.datamodule import LatentDataModule
 
     logging.basicConfig(level=logging.INFO)  # the stage's own report, as Hydra would show it
     spec = json.loads(spec_file.read_text())

@@ -1,15 +1,12 @@
-"""`make coco` (data/download_coco.py) against tiny archives served from 127.0.0.1."""
+"""`make coco` (ldm/data/coco_download.py) against tiny archives served from 127.0.0.1."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import random
 import socket
-import sys
 import threading
-import types
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,19 +15,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "data" / "download_coco.py"
-
-
-def load_script() -> types.ModuleType:
-    """Import the standalone script as a module (data/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("download_coco", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolves annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-download_coco = load_script()
+from ldm.data import coco_download as download_coco
 
 
 def zip_bytes(files: dict[str, bytes]) -> bytes:

@@ -29,13 +29,13 @@ from test_sample import (  # the sampling tests' tiny exports
 )
 from torch import nn
 
-from ldm.checkpoints import load_vae_export
 from ldm.evaluation import adherence, reconstruction, run_evaluation
 from ldm.evaluation.clip_score import ClipScorer, ClipScoreSettings
 from ldm.evaluation.errors import MetricWeightsUnavailableError
 from ldm.evaluation.fid import FidSettings, add_images, build_fid, fid_value
 from ldm.evaluation.plot import plot_sweep
 from ldm.evaluation.request import SweepSetting, request_from_config
+from ldm.exports import load_vae_export
 from ldm.sampling import read_png_metadata
 
 # Above the tiny exports' 16 px: the attribute analyser reads the generator's images ≥ 99% right

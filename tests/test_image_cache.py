@@ -12,6 +12,7 @@ import torch
 from helpers import SMALL_SYNTHETIC, compose_config
 
 from ldm.data import CaptionedImageDataModule, DataConfig, LoaderSettings, build_caption_index
+from ldm.data.array_store import cache_is_current
 from ldm.data.batch_randomness import StepRandomness
 from ldm.data.coco_index import CaptionedImage
 from ldm.data.dataset import CaptionedImageDataset
@@ -23,7 +24,6 @@ from ldm.data.image_cache import (
     image_cache_enabled,
     image_cache_key,
 )
-from ldm.data.latent_store import cache_is_current
 from ldm.data.transforms import to_model_range
 from ldm.training.vae_stage import run_vae_stage
 

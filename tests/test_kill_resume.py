@@ -18,7 +18,7 @@ from helpers import REPO_ROOT, compose_config, synthetic_run_overrides
 from lightning.pytorch.callbacks import Callback
 
 import ldm.training.vae_stage as vae_stage
-from ldm.checkpoints import save_vae_export
+from ldm.exports import save_vae_export
 from ldm.models.vae import VAE, VAEConfig
 from ldm.runs import resolve_checkpoint
 from ldm.training.checkpointing import save_atomically

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ldm.checkpoints import load_vae_export, save_vae_export
+from ldm.exports import load_vae_export, save_vae_export
 from ldm.latent_stats import LATENT_STAT_KEYS, measure_latent_statistics, scale_factor_from_std
 from ldm.models import VAE, DiagonalGaussian, VAEConfig
 

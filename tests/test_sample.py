@@ -23,15 +23,15 @@ from helpers import REPO_ROOT, TINY_CLIP, compose_config
 from omegaconf import DictConfig
 from PIL import Image
 
-from ldm.checkpoints import (
+from ldm.data.images import read_rgb_image
+from ldm.data.transforms import image_to_model_tensor
+from ldm.diffusion import ScheduleConfig
+from ldm.exports import (
     load_vae_export,
     read_unet_metadata,
     save_unet_export,
     save_vae_export,
 )
-from ldm.data.images import read_rgb_image
-from ldm.data.transforms import image_to_model_tensor
-from ldm.diffusion import ScheduleConfig
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE, VAEConfig
 from ldm.sampling import labelled_grid, read_png_metadata, run_sampling

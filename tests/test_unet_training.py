@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import compose_config, run_whole_interrupted_and_resumed, synthetic_run_overrides
 
-from ldm.checkpoints import load_unet_export, read_unet_metadata, save_vae_export
+from ldm.exports import load_unet_export, read_unet_metadata, save_vae_export
 from ldm.models.vae import VAE, VAEConfig
 from ldm.training.diffusion_module import LatentDiffusionModule
 from ldm.training.unet_stage import _adherence_curves, check_inputs_fit, run_unet_stage

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import compose_config, run_whole_interrupted_and_resumed, synthetic_run_overrides
 
-from ldm.checkpoints import load_vae_export
+from ldm.exports import load_vae_export
 from ldm.training.vae_module import VAEModule
 from ldm.training.vae_stage import run_vae_stage
 

@@ -25,6 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ldm.data.array_store import (
+    building_cache,
+    cache_is_current,
+    complete_cache_metadata,
+    open_array,
+)
 from ldm.data.batch_randomness import (
     NO_RANDOMNESS,
     ItemKey,
@@ -36,12 +42,6 @@ from ldm.data.batch_randomness import (
 from ldm.data.coco_index import CaptionedImage
 from ldm.data.dataset import collate_skipping_unreadable
 from ldm.data.images import ImageReadError, read_rgb_image
-from ldm.data.latent_store import (
-    building_cache,
-    cache_is_current,
-    complete_cache_metadata,
-    open_array,
-)
 from ldm.data.transforms import image_to_uint8_tensor
 from ldm.progress import progress_bar
 

@@ -11,6 +11,7 @@ from ldm.diffusion.config import (
 )
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.guidance import guided_prediction
+from ldm.diffusion.loop import sample
 from ldm.diffusion.objectives import (
     diffusion_loss,
     loss_weights,
@@ -26,7 +27,6 @@ from ldm.diffusion.samplers import (
     StepOutput,
     make_sampler,
 )
-from ldm.diffusion.sampling import sample
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.timesteps import sampling_timesteps, timesteps_for_strength
 

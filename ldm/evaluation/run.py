@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ldm.checkpoints import load_vae_export
 from ldm.data.coco_index import CaptionedImage
 from ldm.data.config import DataConfig
 from ldm.devices import DeviceSettings
@@ -42,6 +41,7 @@ from ldm.evaluation.validation_data import (
     validation_captions,
 )
 from ldm.evaluation.wandb_log import log_to_wandb
+from ldm.exports import load_vae_export
 from ldm.models.vae import VAE
 from ldm.progress import progress_bar
 from ldm.sampling import SamplingError, load_sampling_checkpoint

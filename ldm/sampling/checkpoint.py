@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm.checkpoints import (
+from ldm.exports import (
     METADATA_FILENAME,
     UNET_METADATA_FILENAME,
     UNET_WEIGHTS_FILENAMES,

@@ -12,8 +12,8 @@ from typing import Any
 
 import open_clip
 
-from ldm.checkpoints import file_fingerprint
 from ldm.config_keys import refuse_unknown_keys
+from ldm.exports import file_fingerprint
 
 # The project's own open_clip architectures (e.g. ``ldm-small-text``, the demo's random-init
 # tower: 2 layers of width 256), registered beside open_clip's so model_name accepts them.

@@ -13,12 +13,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ldm.checkpoints import load_vae_export, save_unet_export
+from ldm.caches.datamodule import LatentDataModule
 from ldm.data.config import DataConfig
-from ldm.data.latent_datamodule import LatentDataModule
 from ldm.evaluation.adherence import prompt_sets
 from ldm.evaluation.fid import FidSettings
 from ldm.evaluation.validation_data import load_validation_set
+from ldm.exports import load_vae_export, save_unet_export
 from ldm.runs import point_latest_at, resolve_checkpoint, start_run
 from ldm.text import FrozenTextEncoder, TextEncoderConfig
 from ldm.training.adherence_curves import AdherenceCurves

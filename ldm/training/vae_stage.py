@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoints import save_vae_export
 from ldm.data.datamodule import CaptionedImageDataModule
+from ldm.exports import save_vae_export
 from ldm.latent_stats import measure_latent_statistics
 from ldm.progress import progress_bar
 from ldm.runs import point_latest_at, resolve_checkpoint, start_run
