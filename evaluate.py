@@ -13,6 +13,7 @@ the samples (lossless PNGs) into out_dir (default runs/eval/<date_time>).
 import hydra
 from omegaconf import DictConfig
 
+import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.evaluation import EvaluationError, run_evaluation
 from ldm.sampling import SamplingError
 

@@ -13,6 +13,7 @@ fingerprint) and a labelled grid per prompt into out_dir (default runs/samples/<
 import hydra
 from omegaconf import DictConfig
 
+import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.sampling import SamplingError, run_sampling
 
 

@@ -3,11 +3,13 @@
 python train_unet.py [overrides]        e.g. experiment=demo trainer=cuda data.subset=40000
 python train_unet.py vae_export=runs/vae/<run>/export   (default: the latest VAE run)
 python train_unet.py ckpt_path=last     resume the latest run (or ckpt_path=<file>.ckpt)
+python -m ldm.caches [overrides]        only build the caches such a run trains on
 """
 
 import hydra
 from omegaconf import DictConfig
 
+import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.training.unet_stage import run_unet_stage
 
 

@@ -8,6 +8,7 @@ python train_vae.py train=false ckpt_path=…  measure and export an existing ch
 import hydra
 from omegaconf import DictConfig
 
+import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.training.vae_stage import run_vae_stage
 
 

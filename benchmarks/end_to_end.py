@@ -50,6 +50,7 @@ from training_throughput import (
     vae_workload,
 )
 
+import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.diffusion import ScheduleConfig
 
 ROOT = Path(__file__).resolve().parents[1]

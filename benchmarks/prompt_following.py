@@ -24,6 +24,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from report import DEVICE_CHOICES, BenchmarkError, pick_device
 
+import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.evaluation import adherence
 from ldm.sampling import (
     load_matching_vae,

@@ -28,6 +28,7 @@ from report import (
     write_json,
 )
 
+import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.diffusion import NoiseSchedule, ScheduleConfig
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE, VAEConfig, count_parameters

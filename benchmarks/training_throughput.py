@@ -36,6 +36,7 @@ from report import (
 )
 from torch import Tensor, nn
 
+import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.diffusion import NoiseSchedule, ScheduleConfig, diffusion_loss
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE, VAEConfig, count_parameters, vae_loss

@@ -78,56 +78,57 @@ def _check_available(device: str) -> None:
         )
 
 
-def _check_processes(trainer_cfg: dict[str, Any], device: str) -> None:
+def check_processes(trainer_cfg: dict[str, Any], device: str) -> None:
     """Refuse process and accumulation settings Lightning would reject later, or worse, accept."""
-    strategy = trainer_cfg.get("strategy", "auto")
+    strategy = trainer_cfg["strategy"]
     if strategy not in STRATEGY_CHOICES:
         raise ValueError(
             f"trainer.strategy must be one of {STRATEGY_CHOICES}, got {strategy!r}: use "
             "trainer=ddp for one process per device (Lightning's DistributedDataParallel)."
         )
     for key in ("num_nodes", "accumulate_grad_batches"):
-        value = trainer_cfg.get(key, 1)
+        value = trainer_cfg[key]
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"trainer.{key} must be a positive integer, got {value!r}")
-    devices = trainer_cfg.get("devices", 1)
+    devices, num_nodes = trainer_cfg["devices"], trainer_cfg["num_nodes"]
     if devices != "auto" and (not isinstance(devices, int) or devices < 1):
         raise ValueError(
             f"trainer.devices must be a positive integer (devices per node) or auto (every "
             f"visible GPU), got {devices!r}"
         )
-    if device == "mps" and (devices not in (1, "auto") or trainer_cfg.get("num_nodes", 1) > 1):
+    if device == "mps" and (devices not in (1, "auto") or num_nodes > 1):
         raise ValueError(
             f"Apple MPS trains in one process on one device, but trainer.devices={devices} and "
-            f"trainer.num_nodes={trainer_cfg.get('num_nodes', 1)}: set both to 1, or train on "
-            "CUDA GPUs (or trainer=cpu) for several processes."
+            f"trainer.num_nodes={num_nodes}: set both to 1, or train on CUDA GPUs (or "
+            "trainer=cpu) for several processes."
         )
 
 
 def resolve_device(trainer_cfg: dict[str, Any]) -> DeviceSettings:
-    """Turn ``trainer.device`` (+ optional explicit overrides) into concrete settings.
+    """Turn ``trainer.device`` and its profile into concrete settings.
 
-    Per-device defaults live in ``trainer.profiles`` (YAML), so every choice is visible in the
-    run's saved config; ``trainer.precision`` / ``trainer.num_workers`` override them when set.
+    Per-device settings live in ``trainer.profiles`` (YAML), so every choice is visible in the
+    run's saved config; ``trainer.precision``, ``trainer.num_workers`` and ``trainer.compile``
+    override the profile's unless null. Only these keys are read (sampling passes no others);
+    the process layout is :func:`check_processes`'s.
     """
     requested = trainer_cfg["device"]
     if requested not in DEVICE_CHOICES:
         raise ValueError(f"trainer.device must be one of {DEVICE_CHOICES}, got {requested!r}")
     device = detect_device() if requested == "auto" else requested
     _check_available(device)
-    _check_processes(trainer_cfg, device)
-    profile = dict(trainer_cfg["profiles"][device])
-    precision = trainer_cfg.get("precision") or profile["precision"]
+    profile = trainer_cfg["profiles"][device]
+    precision = trainer_cfg["precision"] or profile["precision"]
     if device == "cuda" and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
         log.warning("This GPU has no bfloat16 support: using 16-mixed precision instead")
         precision = "16-mixed"
-    workers = trainer_cfg.get("num_workers")
+    workers = trainer_cfg["num_workers"]
     loader = LoaderSettings(
         num_workers=profile["num_workers"] if workers is None else workers,
         pin_memory=profile["pin_memory"],
         persistent_workers=profile["persistent_workers"],
     )
-    compile_mode = trainer_cfg.get("compile") or profile.get("compile", "none")
+    compile_mode = trainer_cfg["compile"] or profile["compile"]
     if compile_mode not in COMPILE_MODES:
         raise ValueError(
             f"trainer.compile must be one of {COMPILE_MODES}, got {compile_mode!r}: none runs "
@@ -138,8 +139,8 @@ def resolve_device(trainer_cfg: dict[str, Any]) -> DeviceSettings:
         precision=precision,
         loader=loader,
         compile_mode=compile_mode,
-        fused_optimizer=bool(profile.get("fused_optimizer", False)),
-        tf32=bool(profile.get("tf32", False)),
-        cudnn_benchmark=bool(profile.get("cudnn_benchmark", False)),
-        channels_last=bool(profile.get("channels_last", False)),
+        fused_optimizer=profile["fused_optimizer"],
+        tf32=profile["tf32"],
+        cudnn_benchmark=profile["cudnn_benchmark"],
+        channels_last=profile["channels_last"],
     )

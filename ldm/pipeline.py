@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +23,13 @@ from ldm.models.vae import VAE
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
+DEFAULT_IMG2IMG_STRENGTH = 0.75  # keeps the layout of the init image, redraws its details
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How to denoise; validated against the schedule before any work starts."""
+    """How to denoise. Options from a user or a config come in through ``checked``, once; the
+    sampling path (this pipeline, the loop, the samplers) then trusts them."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -32,22 +37,81 @@ class SamplingOptions:
     eta: float = 0.0
     strength: float = 1.0
 
-    def check(self, num_train_timesteps: int) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if not 1 <= self.steps <= num_train_timesteps:
+    @classmethod
+    def checked(
+        cls,
+        *,
+        num_train_timesteps: int,
+        sampler: Any = "ddim",
+        steps: Any = 50,
+        cfg_scale: Any = 7.5,
+        eta: Any = 0.0,
+        strength: Any = None,
+        image_to_image: bool = False,
+    ) -> SamplingOptions:
+        """The one check of sampling options, where they enter: sample.py and evaluate.py once
+        the checkpoint tells T, training when its module is built. Raises ValueError naming the
+        value and the fix. ``strength`` applies to image-to-image only (None: the default)."""
+        if sampler not in SAMPLERS:
             raise ValueError(
-                f"steps={self.steps} is outside 1..{num_train_timesteps}: the model was trained "
+                f"sampler={sampler!r} is not supported; choose one of {', '.join(SAMPLERS)}."
+            )
+        steps = _integer("steps", steps)
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}.")
+        if steps > num_train_timesteps:
+            raise ValueError(
+                f"steps={steps} is outside 1..{num_train_timesteps}: the model was trained "
                 f"with T={num_train_timesteps} noise levels, so at most {num_train_timesteps} "
                 "sampling steps exist."
             )
-        if not 0 < self.strength <= 1:
+        cfg_scale = _number("cfg_scale", cfg_scale)
+        if cfg_scale < 0:
             raise ValueError(
-                f"strength={self.strength} must be in (0, 1]: 1 starts from pure noise, values "
-                "near 0 keep the init image almost unchanged."
+                f"cfg_scale={cfg_scale} is a negative scale; use ≥ 0: 1 means no guidance, larger "
+                "values follow the prompt more closely (7.5 is usual)."
             )
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be ≥ 0 (1 = no guidance), got {self.cfg_scale}")
+        eta = _number("eta", eta)
+        if eta != 0 and sampler != "ddim":
+            raise ValueError(
+                f"eta={eta} only applies to sampler='ddim', but sampler={sampler!r}; "
+                "drop eta or switch to ddim (eta=1 there is DDPM-like)."
+            )
+        if not 0 <= eta <= 1:
+            raise ValueError(
+                f"eta={eta} is outside [0, 1]: 0 gives deterministic DDIM, 1 the DDPM noise level."
+            )
+        return cls(sampler, steps, cfg_scale, eta, _strength(strength, image_to_image))
+
+
+def _strength(value: Any, image_to_image: bool) -> float:
+    if value is None:
+        return DEFAULT_IMG2IMG_STRENGTH if image_to_image else 1.0
+    if not image_to_image:
+        raise ValueError(
+            f"strength={value} only applies to image-to-image: add an init image "
+            "(init_image=<path>), or drop strength for text-to-image."
+        )
+    strength = _number("strength", value)
+    if not 0 < strength < 1:
+        raise ValueError(
+            f"strength={strength} is outside (0, 1) for image-to-image: it is the share of the "
+            "denoising chain to run. Values near 0 keep the init image almost unchanged, values "
+            "near 1 redraw it; strength 1 would ignore the init image (drop init_image instead)."
+        )
+    return strength
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    return float(value)
 
 
 class TextEncoderLike:
@@ -161,7 +225,6 @@ class LatentDiffusionPipeline:
         progress: bool = False,
     ) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] from text hidden states; the core of every caller."""
-        options.check(self.schedule.num_train_timesteps)
         count = len(seeds)
         if count != context.shape[0]:
             raise ValueError(f"Got {count} seeds for {context.shape[0]} prompts")
@@ -213,7 +276,6 @@ class LatentDiffusionPipeline:
         progress: bool = False,
     ) -> Tensor:
         """Text (and optionally an init image) → images (B, 3, H, W) in [-1, 1]."""
-        options.check(self.schedule.num_train_timesteps)
         context = self.encode_prompts(prompts)
         negatives = list(negative_prompts) if negative_prompts else [""] * len(prompts)
         if len(negatives) != len(prompts):
@@ -221,8 +283,6 @@ class LatentDiffusionPipeline:
         uncond = self.encode_prompts(negatives)
         init_latents = None
         if init_images is not None:
-            if options.strength == 1:
-                raise ValueError("An init image needs strength < 1 to keep any of it")
             init_latents = self.encode_images(init_images)
             if init_latents.shape[0] == 1 and len(prompts) > 1:
                 init_latents = init_latents.expand(len(prompts), -1, -1, -1)

@@ -15,7 +15,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config_checks import check_run_config
+from ldm.config.checks import check_run_config
 from ldm.devices import DeviceSettings
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class RunContext:
 
 def wandb_offline_requested(logger_cfg: dict[str, Any]) -> bool:
     """``logger.offline=true`` or WANDB_MODE=offline/dryrun both mean: record locally only."""
-    return bool(logger_cfg.get("offline")) or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+    return logger_cfg["offline"] or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
 
 
 def current_run_dir() -> Path:

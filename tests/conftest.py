@@ -11,18 +11,15 @@ os.environ["WANDB_SILENT"] = "true"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_DIR", "/tmp")
 
-import json
-
-import open_clip
 import pytest
 from helpers import (
     COCO_SAMPLE,
     SMALL_SYNTHETIC,
-    TINY_CLIP,
-    TINY_CLIP_CONFIG,
+    register_tiny_clip,
     synthetic_run_overrides,
 )
 
+from ldm.data.coco_index import CaptionedImage, build_caption_index
 from ldm.data.synthetic import generate_synthetic_dataset
 
 
@@ -32,6 +29,19 @@ def coco_sample() -> Path:
     if not (COCO_SAMPLE / "annotations" / "captions_sample.json").is_file():
         pytest.fail(f"The real-data fixture is missing: expected it at {COCO_SAMPLE}")
     return COCO_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def coco_records(
+    coco_sample: Path, tmp_path_factory: pytest.TempPathFactory
+) -> list[CaptionedImage]:
+    """The real COCO sample's records, indexed once (each image checked) in file order."""
+    records, _ = build_caption_index(
+        coco_sample / "annotations" / "captions_sample.json",
+        coco_sample / "images",
+        check_cache_dir=tmp_path_factory.mktemp("checks"),
+    )
+    return records
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +61,4 @@ def synthetic_overrides(synthetic_root: Path, tmp_path: Path) -> list[str]:
 @pytest.fixture(scope="session", autouse=True)
 def tiny_clip_registered(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Makes ``helpers.TINY_CLIP`` an open_clip model name, for every test."""
-    folder = tmp_path_factory.mktemp("open_clip_configs")
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(folder)
+    register_tiny_clip(tmp_path_factory.mktemp("open_clip_configs"))

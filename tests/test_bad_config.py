@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL_SYNTHETIC, compose_config
+from helpers import CONF_DIR, SMALL_SYNTHETIC, compose_config
+from hydra import compose, initialize_config_dir
 
-from ldm.config_keys import UnknownConfigKeyError
+from ldm.config.checks import ConfigCheck
+from ldm.config.keys import UnknownConfigKeyError
 from ldm.data.array_store import CacheConfig
 from ldm.data.config import DataConfig
 from ldm.devices import DeviceUnavailableError
 from ldm.diffusion.config import ScheduleConfig
-from ldm.exports import save_unet_export, save_vae_export
+from ldm.exports import UNetExport, save_unet_export, save_vae_export
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE, VAEConfig
 from ldm.text.config import TextEncoderConfig
@@ -85,7 +87,7 @@ def unet_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny U-Net export where a VAE export belongs: ``runs/unet/<run>/export``."""
     unet = UNet(TINY_UNET_CONFIG)
     directory = tmp_path_factory.mktemp("unet") / "runs" / "unet" / "run1" / "export"
-    return save_unet_export(directory, raw=unet, ema=unet, description={})
+    return save_unet_export(directory, UNetExport.from_models(raw=unet, ema=unet, description={}))
 
 
 def run_vae(overrides: list[str], *extra: str, run_dir: Path) -> None:
@@ -143,6 +145,23 @@ def test_every_unknown_key_is_named_in_the_one_message(
     with pytest.raises(UnknownConfigKeyError) as refused:
         run_vae(synthetic_overrides, "+optim.lrr=1e-3", "+loss.kl_weigth=0", run_dir=tmp_path)
     assert "optim.lrr" in str(refused.value) and "loss.kl_weigth" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("config_name", "override", "expected"),
+    [
+        ("sample", "+stepz=3", r"stepz=3: did you mean steps\?"),
+        ("evaluate", "+fid.feature_dims=64", r"did you mean fid\.feature_dim\?"),
+    ],
+)
+def test_every_entry_script_refuses_an_added_key_before_its_run_starts(
+    tmp_path: Path, config_name: str, override: str, expected: str
+) -> None:
+    """The check Hydra runs first (conf/*.yaml hydra.callbacks), with one message, no traceback."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, [override, f"out_dir={tmp_path}"], return_hydra_config=True)
+    with pytest.raises(SystemExit, match=expected):
+        ConfigCheck().on_run_start(cfg)
 
 
 @pytest.mark.parametrize(

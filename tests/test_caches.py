@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import test_unet_training
 import torch
-from helpers import CONF_DIR, SMALL_SYNTHETIC, TINY_CLIP, TINY_CLIP_CONFIG
+from helpers import CONF_DIR, SMALL_SYNTHETIC, TINY_CLIP, TINY_CLIP_CONFIG, compose_config
 from omegaconf import OmegaConf
 
+from ldm.caches.__main__ import main as cache_command
 from ldm.caches.datamodule import LatentDataModule
 from ldm.data.array_store import CacheConfig, CacheMismatchError, building_cache, read_metadata
 from ldm.data.batch_randomness import StepRandomness
@@ -22,6 +25,9 @@ from ldm.data.dataset import CaptionedImageDataset
 from ldm.exports import load_vae_export, save_vae_export
 from ldm.models import VAE, VAEConfig
 from ldm.text import FrozenTextEncoder, TextEncoderConfig
+from ldm.training.unet_stage import run_unet_stage
+
+vae_export = test_unet_training.vae_export  # the stage-2 tests' tiny VAE export (a fixture)
 
 TINY_VAE = VAEConfig(block_channels=(8, 16), layers_per_block=1, norm_groups=4)
 IMAGE_SIZE_PX = 32  # latents (4, 16, 16) with the two-level VAE
@@ -507,3 +513,36 @@ def test_cache_config_file_is_valid_and_points_into_the_cache_dir() -> None:
 def test_unknown_cache_policy_is_refused() -> None:
     with pytest.raises(ValueError, match=r"cache\.policy must be one of"):
         CacheConfig(dir=Path("/tmp"), policy="sometimes")
+
+
+# ---- the cache command -------------------------------------------------------------------
+
+
+def test_the_cache_command_builds_the_caches_a_following_training_run_finds_current(
+    synthetic_overrides: list[str],
+    vae_export: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    overrides = [*test_unet_training.TINY, *synthetic_overrides, f"vae_export={vae_export}"]
+    hydra_quiet = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
+    command_line = [*overrides, f"hydra.run.dir={tmp_path / 'caching'}", *hydra_quiet]
+    monkeypatch.setattr(sys, "argv", ["python -m ldm.caches", *command_line])
+    cache_command()
+    printed = capsys.readouterr().out.splitlines()
+    folders = [Path(line.split(": ", 1)[1]) for line in printed[1:]]
+    assert [line.split(":")[0].strip() for line in printed[1:]] == [
+        "train latents",
+        "val latents",
+        "captions",
+    ]
+    assert all((folder / "cache.json").is_file() for folder in folders)
+
+    def rebuild(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the training run rebuilt a cache the command had built")
+
+    monkeypatch.setattr(LatentDataModule, "_build_latents", rebuild)
+    monkeypatch.setattr(LatentDataModule, "_build_captions", rebuild)
+    cfg = compose_config("train_unet", [*overrides, "trainer.fast_dev_run=true", "logger=none"])
+    run_unet_stage(cfg, run_dir=tmp_path / "run")

@@ -1,6 +1,8 @@
-"""Specification of the VAE export: safetensors + JSON, exact round trip, no pickle."""
+"""Specification of the exports (safetensors + JSON, exact round trip, no pickle) and of the
+U-Net export every training checkpoint carries."""
 
 import hashlib
+import io
 import json
 import pickle
 from pathlib import Path
@@ -9,8 +11,16 @@ import pytest
 import torch
 
 import ldm.exports
-from ldm.exports import file_fingerprint, load_vae_export, save_vae_export
+from ldm.exports import (
+    file_fingerprint,
+    load_unet_export,
+    load_unet_for_sampling,
+    load_vae_export,
+    save_unet_export,
+    save_vae_export,
+)
 from ldm.models import VAE, VAEConfig
+from ldm.training.diffusion_module import LatentDiffusionModule
 
 TINY = VAEConfig(block_channels=(8, 16), layers_per_block=1, norm_groups=4)
 STATS = {
@@ -159,3 +169,102 @@ def test_file_fingerprint_is_the_sha256_of_the_file_bytes(tmp_path: Path) -> Non
     path = tmp_path / "blob.bin"
     path.write_bytes(b"latent diffusion")
     assert file_fingerprint(path) == hashlib.sha256(b"latent diffusion").hexdigest()
+
+
+# ---- the U-Net export, in a folder and in a training checkpoint ---------------------------------
+
+
+@pytest.fixture
+def module() -> LatentDiffusionModule:
+    """A training module whose raw and EMA weights differ, recording what sampling needs."""
+    torch.manual_seed(0)
+    module = LatentDiffusionModule(
+        unet={
+            "model_channels": 16,
+            "channel_multipliers": [1, 2],
+            "transformer_levels": [1],
+            "norm_groups": 8,
+            "attention_head_dim": 16,
+            "context_dim": 32,
+        },
+        diffusion={"num_train_timesteps": 50},
+        optim={},
+        ema={},
+        cond_dropout=0.1,
+        latent_scale=0.5,
+        latent_shape=[4, 8, 8],
+        context_length=8,
+        validation={"timestep_buckets": 2, "sampling": {"steps": 10}},
+        provenance={
+            "vae_export": "/runs/vae/run1/export",
+            "vae_weights_sha256": "0" * 64,
+            "text_encoder": {"model_name": "ViT-B-32"},
+            "image_size": 16,
+        },
+    )
+    with torch.no_grad():
+        for parameter in module.ema.module.parameters():
+            parameter.add_(1.0)
+    return module
+
+
+def lightning_checkpoint(module: LatentDiffusionModule) -> dict:
+    """What Lightning hands ``on_save_checkpoint`` (and then torch.saves): the module's state."""
+    checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    return checkpoint
+
+
+def saved_size(checkpoint: dict) -> int:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def test_checkpoint_carries_its_export_without_storing_the_weights_twice(module) -> None:
+    """The export's state dicts share their tensors with the checkpoint's state_dict, and
+    torch.save writes a shared storage once: measured here, the export adds only its keys and
+    metadata (a copy of the weights would add 100% of them)."""
+    checkpoint = lightning_checkpoint(module)
+    without_export = {key: value for key, value in checkpoint.items() if key != "export"}
+    weights = sum(
+        tensor.numel() * tensor.element_size()
+        for state_dict in checkpoint["export"]["weights"].values()
+        for tensor in state_dict.values()
+    )
+    grown = saved_size(checkpoint) - saved_size(without_export)
+    assert grown < 0.1 * weights
+
+
+def test_checkpoint_and_export_folder_give_the_same_unet_and_metadata(module, tmp_path) -> None:
+    folder = save_unet_export(tmp_path / "export", module.export())
+    ckpt = tmp_path / "last.ckpt"
+    torch.save(lightning_checkpoint(module), ckpt)
+    for weights, expected in (("raw", module.unet), ("ema", module.ema.module)):
+        from_folder = load_unet_for_sampling(folder, weights)
+        from_ckpt = load_unet_for_sampling(ckpt, weights)
+        for name, tensor in expected.state_dict().items():
+            assert torch.equal(from_folder.unet.state_dict()[name], tensor)
+            assert torch.equal(from_ckpt.unet.state_dict()[name], tensor)
+        assert from_ckpt.diffusion == from_folder.diffusion == {"num_train_timesteps": 50}
+        assert from_ckpt.vae_export == from_folder.vae_export == Path("/runs/vae/run1/export")
+    in_folder = json.loads((folder / "unet.json").read_text())
+    in_ckpt = torch.load(ckpt, weights_only=True)["export"]["metadata"]
+    del in_folder["weights_sha256"]  # the files' fingerprints, which only the folder has
+    assert json.loads(json.dumps(in_ckpt)) == in_folder
+
+
+def test_checkpoint_without_an_export_is_refused_saying_how_to_get_one(module, tmp_path) -> None:
+    checkpoint = lightning_checkpoint(module)
+    del checkpoint["export"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    with pytest.raises(ValueError, match=r"before checkpoints carried their export.*resume it"):
+        load_unet_for_sampling(old)
+
+
+def test_unet_weights_replaced_after_export_are_caught_by_the_fingerprint(module, tmp_path) -> None:
+    folder = save_unet_export(tmp_path / "export", module.export())
+    (folder / "unet.safetensors").replace(folder / "unet_ema.safetensors")
+    with pytest.raises(ValueError, match="incomplete or was modified"):
+        load_unet_export(folder, weights="ema")

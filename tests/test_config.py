@@ -1,18 +1,35 @@
-"""Configuration: composition for every device, struct mode, defaults, loggers, run records."""
+"""Configuration: every config composes and passes its schema, the code's defaults agree with
+the YAML, devices, loggers, run records."""
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import compose_config
+from helpers import CONF_DIR, compose_config
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from ldm.config import plain
+from ldm.config import schemas as s
+from ldm.config.parse import dataclass_from_dict
+from ldm.data.array_store import CacheConfig
+from ldm.data.config import DataConfig, SplitFiles
+from ldm.data.synthetic import SyntheticConfig
 from ldm.devices import DeviceUnavailableError, resolve_device
+from ldm.diffusion.config import ScheduleConfig
+from ldm.models.unet import UNetConfig
+from ldm.models.vae import VAEConfig
 from ldm.runs import start_run, wandb_offline_requested
+from ldm.text.config import TextEncoderConfig
 from ldm.training.loggers import build_logger
 
 DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
+CONFIG_NAMES = ["train_vae", "train_unet", "sample", "evaluate"]
 
 
 def trainer_dict(choice: str, *extra: str) -> dict:
@@ -25,14 +42,99 @@ def test_every_device_choice_composes(choice: str) -> None:
     assert trainer_dict(choice)["device"] == choice
 
 
-def test_defaults_describe_the_real_coco_run() -> None:
-    cfg = compose_config("train_vae")
-    assert cfg.data.source == "coco"
-    assert cfg.data.image_size == 128
-    assert cfg.data.batch_size == 32
-    assert cfg.trainer.max_epochs == 15
-    assert cfg.trainer.device == "auto"
-    assert cfg.logger.kind == "wandb"
+def group_choices(config_name: str) -> list[str]:
+    """One override per option of every group the config lists (``data=synthetic``, ...)."""
+    listed = OmegaConf.load(CONF_DIR / f"{config_name}.yaml").defaults
+    groups = [key for entry in listed if OmegaConf.is_dict(entry) for key in entry]
+    return [
+        f"{group}={option.stem}"
+        for group in groups
+        if (CONF_DIR / group).is_dir()
+        for option in sorted((CONF_DIR / group).glob("*.yaml"))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("config_name", "choice"),
+    [(name, choice) for name in CONFIG_NAMES for choice in group_choices(name)],
+)
+def test_every_config_composes_complete_for_every_group_choice(
+    config_name: str, choice: str
+) -> None:
+    """Composing merges every file into the schema: no key the schema lacks, no wrong type, and
+    no schema key left without a value."""
+    cfg = compose_config(config_name, [choice])
+    assert OmegaConf.missing_keys(cfg) == set()
+    assert OmegaConf.get_type(cfg.trainer) is s.TrainerSchema
+
+
+@pytest.mark.parametrize("config_name", CONFIG_NAMES)
+def test_each_config_is_checked_against_its_own_schema(config_name: str) -> None:
+    cfg = compose_config(config_name)
+    assert OmegaConf.get_type(cfg) is s.SCHEMAS_BY_STAGE[cfg.stage]
+
+
+def test_a_wrong_type_is_refused_when_composing_naming_the_key_and_value() -> None:
+    with pytest.raises(ConfigCompositionException, match=r"trainer\.max_epochs=many") as refused:
+        compose_config("train_vae", ["trainer.max_epochs=many"])
+    assert "'many' of type 'str' could not be converted to Integer" in str(refused.value.__cause__)
+
+
+def test_a_key_a_yaml_file_adds_outside_the_schema_is_refused_when_composing(
+    tmp_path: Path,
+) -> None:
+    conf = Path(shutil.copytree(CONF_DIR, tmp_path / "conf"))
+    with (conf / "data" / "coco.yaml").open("a") as coco:
+        coco.write("subsett: 5\n")
+    with (
+        initialize_config_dir(config_dir=str(conf), version_base="1.3"),
+        pytest.raises(ConfigCompositionException, match=r"Key 'subsett' not in 'DataSchema'"),
+    ):
+        compose(config_name="train_vae")
+
+
+@pytest.mark.parametrize(
+    ("schema", "parsed_as"),
+    [
+        (s.DataSchema, DataConfig),
+        (s.SplitFilesSchema, SplitFiles),
+        (s.SyntheticSchema, SyntheticConfig),
+        (s.VAESchema, VAEConfig),
+        (s.UNetSchema, UNetConfig),
+        (s.DiffusionSchema, ScheduleConfig),
+        (s.TextEncoderSchema, TextEncoderConfig),
+        (s.CacheSchema, CacheConfig),
+    ],
+)
+def test_each_schema_names_the_keys_its_parser_takes(schema: type, parsed_as: type) -> None:
+    def names(cls: type) -> list[str]:
+        return [field.name for field in dataclasses.fields(cls)]
+
+    assert names(schema) == names(parsed_as)
+
+
+@pytest.mark.parametrize(
+    ("parsed_as", "section", "overrides"),
+    [
+        (DataConfig, "data", ["data=synthetic"]),
+        (SyntheticConfig, "data.synthetic", ["data=synthetic"]),
+        (VAEConfig, "model.vae", []),
+        (UNetConfig, "model.unet", []),
+        (ScheduleConfig, "diffusion", []),
+        (TextEncoderConfig, "text_encoder", []),
+        (CacheConfig, "cache", []),
+    ],
+)
+def test_the_code_defaults_are_the_yaml_values(parsed_as: type, section: str, overrides) -> None:
+    """Code that builds a config without the YAML (tests, exports of older runs) gets the real
+    run's values, not others."""
+    node = OmegaConf.select(compose_config("train_unet", overrides), section)
+    from_yaml = dataclass_from_dict(parsed_as, plain(node), section)
+    for field in dataclasses.fields(parsed_as):
+        if field.default is not dataclasses.MISSING:
+            assert getattr(from_yaml, field.name) == field.default, field.name
+        elif field.default_factory is not dataclasses.MISSING:
+            assert getattr(from_yaml, field.name) == field.default_factory(), field.name
 
 
 def test_demo_experiment_selects_the_embedded_data_and_small_models() -> None:
@@ -40,6 +142,31 @@ def test_demo_experiment_selects_the_embedded_data_and_small_models() -> None:
     default = compose_config("train_vae")
     assert cfg.data.source == "synthetic"
     assert sum(cfg.model.vae.block_channels) < sum(default.model.vae.block_channels)
+
+
+@pytest.mark.parametrize("config_name", CONFIG_NAMES)
+def test_an_experiment_also_sets_what_only_one_script_has(config_name: str) -> None:
+    """experiment=demo reads conf/experiment/demo.yaml and conf/experiment/<script>/demo.yaml."""
+    part = OmegaConf.load(CONF_DIR / "experiment" / config_name / "demo.yaml")
+    cfg = compose_config(config_name, ["experiment=demo"])
+    for key, value in leaves(OmegaConf.to_container(part)):
+        assert OmegaConf.select(cfg, key) == value, key
+
+
+def leaves(values: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every non-mapping value in ``values``."""
+    found = []
+    for name, value in values.items():
+        if isinstance(value, dict):
+            found.extend(leaves(value, f"{prefix}{name}."))
+        else:
+            found.append((f"{prefix}{name}", value))
+    return found
+
+
+def test_a_command_line_override_wins_over_the_experiment() -> None:
+    cfg = compose_config("sample", ["experiment=demo", "steps=3"])
+    assert cfg.steps == 3
 
 
 def test_mistyped_key_fails_with_hydras_message() -> None:

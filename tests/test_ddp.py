@@ -23,8 +23,15 @@ from helpers import (
     SMALL_SYNTHETIC,
     TINY_CLIP,
     TINY_CLIP_CONFIG,
+    TINY_CONTEXT,
+    TINY_LATENT_SHAPE,
+    TINY_OPTIM,
+    TINY_UNET_RUN,
     compose_config,
+    register_tiny_clip,
+    save_tiny_vae_export,
     synthetic_run_overrides,
+    tiny_diffusion_module,
 )
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
@@ -32,10 +39,9 @@ from torch.utils.data import Dataset
 
 from ldm.data.batch_randomness import StepRandomness
 from ldm.data.dataset import batch_as_is
-from ldm.data.sampler import ResumableDataLoader, ResumableDataModule, ResumableSampler
+from ldm.data.resumable_datamodule import ResumableDataModule
+from ldm.data.resumable_loader import ResumableDataLoader, ResumableSampler
 from ldm.devices import resolve_device
-from ldm.exports import save_vae_export
-from ldm.models.vae import VAE, VAEConfig
 from ldm.training.diffusion_module import LatentDiffusionModule
 from ldm.training.trainer import build_trainer, training_plan
 
@@ -43,20 +49,12 @@ PROCESSES = 2
 PER_PROCESS_BATCH = 4
 GLOBAL_BATCH = PROCESSES * PER_PROCESS_BATCH
 STEPS = 3
-LATENT_SHAPE = (4, 8, 8)
-CONTEXT = (3, 16)
 LAUNCH_TIMEOUT_S = 300
 
 # Stage 2 end to end under DDP, as small as it gets: 32 px images, a two-level U-Net.
 TINY_STAGE2 = [
-    "experiment=demo",
-    "data.image_size=32",
+    *TINY_UNET_RUN,
     f"data.batch_size={PER_PROCESS_BATCH}",
-    "model.unet.model_channels=16",
-    "model.unet.channel_multipliers=[1,2]",
-    "model.unet.transformer_levels=[1]",
-    "model.unet.norm_groups=8",
-    "model.unet.attention_head_dim=16",
     f"text_encoder.model_name={TINY_CLIP}",
     f"model.unet.context_dim={TINY_CLIP_CONFIG['text_cfg']['width']}",
     "validation.prompts=[a red circle]",
@@ -94,9 +92,9 @@ class PerItemLatents(Dataset):
         generator = torch.Generator().manual_seed(seed)
         return {
             "index": torch.tensor([index]),
-            "latent_mean": torch.randn(1, *LATENT_SHAPE, generator=generator).half(),
-            "latent_std": torch.rand(1, *LATENT_SHAPE, generator=generator).half(),
-            "text_hidden_states": torch.randn(1, *CONTEXT, generator=generator).half(),
+            "latent_mean": torch.randn(1, *TINY_LATENT_SHAPE, generator=generator).half(),
+            "latent_std": torch.rand(1, *TINY_LATENT_SHAPE, generator=generator).half(),
+            "text_hidden_states": torch.randn(1, *TINY_CONTEXT, generator=generator).half(),
         } | self.randomness.draw(1, generator)
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -120,32 +118,9 @@ class PerItemData(ResumableDataModule):
 
 
 def tiny_module() -> LatentDiffusionModule:
-    torch.manual_seed(0)
-    return LatentDiffusionModule(
-        unet={
-            "model_channels": 8,
-            "channel_multipliers": [1],
-            "res_blocks_per_level": 1,
-            "transformer_levels": [0],
-            "norm_groups": 4,
-            "attention_head_dim": 8,
-            "context_dim": CONTEXT[1],
-        },
-        diffusion={},
-        optim={
-            "lr": 1e-3,
-            "betas": [0.9, 0.999],
-            "weight_decay": 1e-4,
-            "lr_warmup_steps": 1,
-            "lr_schedule": "cosine",
-        },
-        ema={},
+    return tiny_diffusion_module(
+        optim=TINY_OPTIM | {"weight_decay": 1e-4, "lr_warmup_steps": 1, "lr_schedule": "cosine"},
         cond_dropout=0.25,
-        latent_scale=0.5,
-        latent_shape=list(LATENT_SHAPE),
-        context_length=CONTEXT[0],
-        validation={"timestep_buckets": 2},
-        provenance={},
     )
 
 
@@ -191,17 +166,13 @@ def _worker(spec_file: Path) -> None:
     """One process of the torchrun launch: stage 2 end to end, then the tiny parity run."""
     import logging
 
-    import open_clip
-
     import ldm.training.unet_stage as stage
     from ldm.caches.datamodule import LatentDataModule
 
     logging.basicConfig(level=logging.INFO)  # the stage's own report, as Hydra would show it
     spec = json.loads(spec_file.read_text())
     out = Path(spec["out"])
-    (out / "clip").mkdir(parents=True, exist_ok=True)
-    (out / "clip" / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(out / "clip")
+    register_tiny_clip(out / "clip")
 
     builds: list[dict[str, str]] = []
     for name in ("_build_latents", "_build_captions"):
@@ -244,21 +215,7 @@ def _worker(spec_file: Path) -> None:
 
 @pytest.fixture(scope="module")
 def vae_export(tmp_path_factory) -> Path:
-    """A tiny random VAE for 32 px images (4×16×16 latents), exported as train_vae.py would."""
-    torch.manual_seed(0)
-    stats = {
-        "channel_mean": [0.0] * 4,
-        "channel_std": [1.0] * 4,
-        "global_mean": 0.0,
-        "global_std": 2.0,
-        "scale_factor": 0.5,
-        "num_latents": 8,
-        "sampled_posterior": True,
-    }
-    vae = VAE(VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8))
-    return save_vae_export(
-        tmp_path_factory.mktemp("vae") / "export", vae, latent_stats=stats, extra={"image_size": 32}
-    )
+    return save_tiny_vae_export(tmp_path_factory.mktemp("vae") / "export")
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,6 @@ from ldm.diffusion import ScheduleConfig
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "diffusion" / "default.yaml"
 
 
-def test_yaml_defaults_are_the_dataclass_defaults():
-    raw = OmegaConf.to_container(OmegaConf.load(CONFIG_FILE))
-
-    assert ScheduleConfig(**raw) == ScheduleConfig()
-
-
 def test_builds_from_an_omegaconf_node_with_overrides():
     override = {"prediction_type": "epsilon", "rescale_zero_terminal_snr": False}
     node = OmegaConf.merge(OmegaConf.load(CONFIG_FILE), override)

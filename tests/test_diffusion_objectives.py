@@ -136,7 +136,8 @@ def test_loss_is_one_number_per_sample():
     assert loss.shape == (5,)
 
 
-def test_same_generator_seed_draws_the_same_timesteps_and_noise():
+def test_timesteps_and_noise_are_drawn_from_the_given_generator_alone():
+    """What lets validation fix its draws: the generator decides them, the global RNG does not."""
     schedule, x0 = NoiseSchedule(), torch.ones(8, 4, 2, 2)
     seen = []
 
@@ -144,11 +145,13 @@ def test_same_generator_seed_draws_the_same_timesteps_and_noise():
         seen.append((x_t, t))
         return torch.zeros_like(x_t)
 
-    for _ in range(2):
-        diffusion_loss(record, schedule, x0, None, generator=torch.Generator().manual_seed(3))
+    for global_seed, seed in [(0, 3), (1, 3), (0, 4)]:
+        torch.manual_seed(global_seed)
+        diffusion_loss(record, schedule, x0, None, generator=torch.Generator().manual_seed(seed))
 
-    assert torch.equal(seen[0][1], seen[1][1])
-    assert torch.equal(seen[0][0], seen[1][0])
+    (x_t, t), (same_x_t, same_t), (other_x_t, other_t) = seen
+    assert torch.equal(same_t, t) and torch.equal(same_x_t, x_t)
+    assert not torch.equal(other_t, t) and not torch.equal(other_x_t, x_t)
 
 
 def test_given_timesteps_noise_and_cond_reach_the_model_unchanged():

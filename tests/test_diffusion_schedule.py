@@ -35,20 +35,33 @@ def test_seed_endpoints_reproduce_the_seed_schedule_exactly():
     assert schedule.alphas_cumprod[-1].item() == pytest.approx(0.1322, abs=1e-4)
 
 
-def test_alphas_and_cumulative_product_follow_from_betas():
-    schedule = schedule64()
+def alpha_bar_and_snr_by_hand(beta_start: float, beta_end: float, steps: int):
+    """The oracle: linear β, ᾱ_t = ∏_{s≤t} (1 - β_s) and SNR_t = ᾱ_t / (1 - ᾱ_t) in plain
+    Python floats, sharing no code with the schedule (as diffusers' ``compute_snr`` does)."""
+    alpha_bar, product = [], 1.0
+    for t in range(steps):
+        product *= 1 - (beta_start + (beta_end - beta_start) * t / (steps - 1))
+        alpha_bar.append(product)
+    snr = [a / (1 - a) for a in alpha_bar]
+    return torch.tensor(alpha_bar, dtype=torch.float64), torch.tensor(snr, dtype=torch.float64)
 
-    torch.testing.assert_close(schedule.alphas, 1 - schedule.betas, rtol=0, atol=0)
-    torch.testing.assert_close(
-        schedule.alphas_cumprod, torch.cumprod(1 - schedule.betas, 0), rtol=0, atol=0
-    )
+
+@pytest.mark.parametrize(("beta_start", "beta_end"), [(5e-4, 0.1), (1e-4, 0.02)])
+def test_alpha_bar_is_the_running_product_of_one_minus_beta(beta_start, beta_end):
+    schedule = schedule64(beta_start=beta_start, beta_end=beta_end)
+
+    alpha_bar, _ = alpha_bar_and_snr_by_hand(beta_start, beta_end, 200)
+
+    torch.testing.assert_close(schedule.alphas_cumprod, alpha_bar, rtol=1e-12, atol=0)
 
 
-def test_snr_is_signal_over_noise_variance():
-    schedule = schedule64()
-    alpha_bar = schedule.alphas_cumprod
+@pytest.mark.parametrize(("beta_start", "beta_end"), [(5e-4, 0.1), (1e-4, 0.02)])
+def test_snr_is_signal_over_noise_variance(beta_start, beta_end):
+    schedule = schedule64(beta_start=beta_start, beta_end=beta_end)
 
-    torch.testing.assert_close(schedule.snr, alpha_bar / (1 - alpha_bar))
+    _, snr = alpha_bar_and_snr_by_hand(beta_start, beta_end, 200)
+
+    torch.testing.assert_close(schedule.snr, snr, rtol=1e-10, atol=0)
 
 
 def test_scaled_linear_is_linear_in_the_square_root_of_beta():

@@ -8,24 +8,23 @@ the sampling tests), a tiny random open_clip model, and a tiny stand-in for Ince
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import urllib.error
 from pathlib import Path
-from types import ModuleType
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics.functional.image.lpips as lpips_module
-from helpers import REPO_ROOT, TINY_CLIP, compose_config, synthetic_run_overrides
+from helpers import TINY_CLIP, compose_config, synthetic_run_overrides
 from omegaconf import DictConfig
 from PIL import Image
 from test_sample import (  # the sampling tests' tiny exports
     Exports,
     make_exports,
     one_torch_thread,  # noqa: F401  (autouse fixture: one thread for tiny models)
+    script_fails,
 )
 from torch import nn
 
@@ -36,10 +35,11 @@ from ldm.evaluation.fid import FidSettings, add_images, build_fid, fid_value
 from ldm.evaluation.plot import plot_sweep
 from ldm.evaluation.request import SweepSetting, request_from_config
 from ldm.exports import load_vae_export
+from ldm.pipeline import SamplingOptions
 from ldm.sampling import read_png_metadata
 
-# Above the tiny exports' 16 px: the attribute analyser reads the generator's images ≥ 99% right
-# from about 48 px up (98.6% of shapes at 32 px).
+# Above the tiny exports' 16 px: the attribute analyser reads the generator's images right
+# from 32 px up (tests/test_attribute_reader.py).
 JUDGING_RESOLUTION_PX = 64
 CFG_SCALES, STEPS = (1.0, 3.0), (2, 3)
 NUM_SAMPLES = 4
@@ -81,20 +81,8 @@ def evaluate_cfg(
     return compose_config("evaluate", [*defaults, *overrides])
 
 
-def evaluate_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("evaluate_script", REPO_ROOT / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main_fails(cfg: DictConfig) -> str:
-    """Run evaluate.py's main; it must exit with one message (returned), not a traceback."""
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate_script().main(cfg)
-    message = exit_info.value.code
-    assert isinstance(message, str) and message.startswith("evaluate.py: ")
-    return message
+    return script_fails("evaluate.py", cfg)
 
 
 @pytest.fixture(scope="module")
@@ -408,10 +396,10 @@ def test_wandb_logger_records_the_sweep_offline(exports, synthetic_root, tmp_pat
 
 
 def test_default_sweep_is_sample_py_defaults_and_the_demo_its_own() -> None:
-    default = request_from_config(compose_config("evaluate")).settings
-    demo = request_from_config(compose_config("evaluate", ["experiment=demo"])).settings
-    assert default == (SweepSetting("ddim", 50, 7.5),)
-    assert demo == (SweepSetting("ddim", 25, 3.0),)
+    default = request_from_config(compose_config("evaluate")).sweep_settings(1000)
+    demo = request_from_config(compose_config("evaluate", ["experiment=demo"]))
+    assert default == (SweepSetting(SamplingOptions("ddim", 50, 7.5)),)
+    assert demo.sweep_settings(1000) == (SweepSetting(SamplingOptions("ddim", 25, 3.0)),)
 
 
 # ---- VAE reconstruction -------------------------------------------------------------------------

@@ -23,8 +23,14 @@ from ldm.evaluation.errors import MetricWeightsUnavailableError
 from ldm.evaluation.fid import FidSettings, build_fid
 from ldm.evaluation.pixels import read_eval_pixels
 from ldm.evaluation.validation_data import load_validation_set
+from ldm.pipeline import SamplingOptions
 from ldm.training.fid_curves import FidCurves, fid_k_metric, fid_k_reference
-from ldm.training.unet_stage import _adherence_curves, _fid_curves, run_unet_stage
+from ldm.training.unet_stage import (
+    _adherence_curves,
+    _evaluation_sampling,
+    _fid_curves,
+    run_unet_stage,
+)
 
 tiny_cfg = test_unet_training.tiny_cfg  # the stage-2 tests' tiny CPU run
 vae_export = test_unet_training.vae_export  # and its tiny VAE export (a fixture)
@@ -114,7 +120,7 @@ def curves(real_images: list[Path], extractor: nn.Module, every_n_steps: int = 1
         real_images,
         contexts,
         every_n_steps=every_n_steps,
-        sampling={"sampler": "ddim", "steps": 2},
+        sampling=SamplingOptions(sampler="ddim", steps=2),
         resolution_px=RESOLUTION,
         batch_size=BATCH_SIZE,
         seed=7,
@@ -278,3 +284,11 @@ def test_fid_k_and_adherence_are_logged_together_while_training(
     assert [int(row["step"]) for row in adherence_rows] == [1, 3]
     assert all(float(row["eval/fid_4"]) >= 0 for row in fid_rows)
     assert extractor.images_seen == 4 + 2 * 4  # the real images once, the samples each time
+
+
+def test_evaluation_sampling_options_are_checked_before_training() -> None:
+    """A bad ``evaluation.sampling`` stops the run when its curves are built, not at the first
+    measurement thousands of steps in."""
+    cfg = compose_config("train_unet", ["evaluation.sampling.steps=500"])
+    with pytest.raises(ValueError, match=r"evaluation\.sampling: steps=500 is outside 1\.\.200"):
+        _evaluation_sampling(cfg)

@@ -14,12 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, compose_config, synthetic_run_overrides
+from helpers import (
+    REPO_ROOT,
+    TINY_UNET_RUN,
+    TINY_VAE_RUN,
+    compose_config,
+    save_tiny_vae_export,
+    synthetic_run_overrides,
+)
 from lightning.pytorch.callbacks import Callback
 
 import ldm.training.vae_stage as vae_stage
-from ldm.exports import save_vae_export
-from ldm.models.vae import VAE, VAEConfig
 from ldm.runs import resolve_checkpoint
 from ldm.training.checkpointing import save_atomically
 from ldm.training.loggers import WANDB_RUN_ID_KEY, build_logger
@@ -28,12 +33,7 @@ from ldm.training.vae_stage import run_vae_stage
 
 VAE_STEPS = 12  # 2 epochs of 6 batches
 VAE_RUN = [
-    "experiment=demo",
-    "data.image_size=32",
-    "data.batch_size=4",
-    "model.vae.block_channels=[16,32]",
-    "model.vae.norm_groups=8",
-    "logging.num_images=2",
+    *TINY_VAE_RUN,
     "latent_stats.max_batches=1",
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=6",
@@ -41,18 +41,11 @@ VAE_RUN = [
     "trainer.checkpoint_every_n_steps=2",
     "optim.lr_warmup_steps=2",
     "optim.lr_schedule=cosine",
-    "logger=none",
 ]
 UNET_STEPS = 12  # 3 epochs of 4 batches
 UNET_RUN = [
-    "experiment=demo",
-    "data.image_size=32",
+    *TINY_UNET_RUN,
     "data.batch_size=8",
-    "model.unet.model_channels=16",
-    "model.unet.channel_multipliers=[1,2]",
-    "model.unet.transformer_levels=[1]",
-    "model.unet.norm_groups=8",
-    "model.unet.attention_head_dim=16",
     "validation.prompts=[a red circle]",
     "validation.sampling.steps=2",
     "validation.timestep_buckets=2",
@@ -165,18 +158,7 @@ def unet_setup(tmp_path_factory, synthetic_root) -> tuple[Path, list[str], Path]
     """A tiny random VAE export, the overrides of a tiny U-Net run on it, and that run's
     uninterrupted final last.ckpt (which also builds the caches every run here shares)."""
     root = tmp_path_factory.mktemp("unet")
-    torch.manual_seed(0)
-    stats = {
-        "channel_mean": [0.0] * 4,
-        "channel_std": [1.0] * 4,
-        "global_mean": 0.0,
-        "global_std": 2.0,
-        "scale_factor": 0.5,
-        "num_latents": 8,
-        "sampled_posterior": True,
-    }
-    vae = VAE(VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8))
-    export = save_vae_export(root / "vae", vae, latent_stats=stats, extra={"image_size": 32})
+    export = save_tiny_vae_export(root / "vae")
     overrides = [*synthetic_run_overrides(synthetic_root, root), *UNET_RUN, f"vae_export={export}"]
     run_unet_stage(compose_config("train_unet", overrides), run_dir=root / "whole")
     return root, overrides, root / "whole" / "checkpoints" / "last.ckpt"
@@ -404,7 +386,15 @@ def test_the_wandb_logger_of_a_resumed_run_continues_the_run_its_checkpoint_name
     tmp_path,
 ) -> None:
     checkpoint = write_checkpoint(tmp_path / "last.ckpt", 1000, **{WANDB_RUN_ID_KEY: "abc123xy"})
-    logger_cfg = {"kind": "wandb", "offline": True, "id": None}
+    logger_cfg = {
+        "kind": "wandb",
+        "project": "ldm-coco",
+        "entity": None,
+        "name": None,
+        "tags": [],
+        "offline": True,
+        "id": None,
+    }
     resumed = build_logger(logger_cfg, tmp_path / "run", resume_from=checkpoint)
     assert resumed.version == "abc123xy"
     chosen = build_logger(logger_cfg | {"id": "mine0001"}, tmp_path / "run", resume_from=checkpoint)

@@ -40,6 +40,13 @@ def _known_latents(batch_sizes: list[int]) -> list[Tensor]:
     ]
 
 
+def _means_with_std_4() -> list[Tensor]:
+    """Four batches of N(0, 16) posterior means, drawn from their own seed: never the same
+    numbers as the posterior noise (which a global seed of 0 would give)."""
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(64, 4, 8, 8, generator=generator) * 4 for _ in range(4)]
+
+
 def _measure(encoder: nn.Module, batches: list, **kwargs: object) -> dict:
     return measure_latent_statistics(encoder, batches, max_batches=None, device="cpu", **kwargs)
 
@@ -69,7 +76,7 @@ def test_scale_factor_is_one_over_the_global_std_of_known_latents() -> None:
 
 def test_posterior_samples_are_measured_by_default_so_their_noise_counts() -> None:
     # Means with std 4 plus posterior noise with std 3: sampled z has std 5.
-    batches = [torch.randn(64, 4, 8, 8) * 4 for _ in range(4)]
+    batches = _means_with_std_4()
     stats = _measure(IdentityEncoder(posterior_std=3.0), batches)
     assert stats["sampled_posterior"] is True
     assert stats["global_std"] == pytest.approx(5.0, rel=0.02)
@@ -77,17 +84,22 @@ def test_posterior_samples_are_measured_by_default_so_their_noise_counts() -> No
 
 
 def test_posterior_means_are_measured_when_sampling_is_off() -> None:
-    batches = [torch.randn(64, 4, 8, 8) * 4 for _ in range(4)]
+    batches = _means_with_std_4()
     stats = _measure(IdentityEncoder(posterior_std=3.0), batches, sample_posterior=False)
     assert stats["sampled_posterior"] is False
     assert stats["global_std"] == pytest.approx(4.0, rel=0.02)
 
 
-def test_the_same_seed_gives_the_same_statistics() -> None:
-    batches = _known_latents([4, 4])
-    first = _measure(IdentityEncoder(posterior_std=2.0), batches, seed=3)
-    second = _measure(IdentityEncoder(posterior_std=2.0), batches, seed=3)
-    assert first == second
+def test_posterior_samples_are_drawn_in_order_from_a_generator_seeded_by_seed() -> None:
+    encoder, batches = IdentityEncoder(posterior_std=2.0), _known_latents([4, 4])
+    generator = torch.Generator().manual_seed(3)
+    drawn = [encoder.encode(batch).sample(generator) for batch in batches]
+
+    measured = _measure(encoder, batches, seed=3)
+
+    of_the_draws = _measure(IdentityEncoder(), drawn, sample_posterior=False)
+    assert measured == of_the_draws | {"sampled_posterior": True}
+    assert measured != _measure(encoder, batches, seed=4)
 
 
 def test_dict_batches_are_read_from_their_image_key() -> None:

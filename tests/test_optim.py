@@ -6,7 +6,9 @@ import itertools
 
 import pytest
 import torch
+from helpers import compose_config
 
+from ldm.config import plain
 from ldm.training.optim import build_optimizer
 
 
@@ -21,7 +23,14 @@ def lrs(optim: dict, total_steps: int) -> list[float]:
     return rates
 
 
-BASE = {"lr": 1.0, "betas": [0.9, 0.999], "weight_decay": 1e-4}
+BASE = {
+    "lr": 1.0,
+    "betas": [0.9, 0.999],
+    "weight_decay": 1e-4,
+    "lr_warmup_steps": 0,
+    "lr_schedule": "constant",
+    "min_lr_ratio": 0.0,
+}
 
 
 def test_warmup_ramps_linearly_then_cosine_decays_to_the_floor() -> None:
@@ -35,7 +44,7 @@ def test_warmup_ramps_linearly_then_cosine_decays_to_the_floor() -> None:
 
 
 def test_constant_schedule_without_warmup_keeps_the_rate() -> None:
-    assert set(lrs({**BASE, "lr_schedule": "constant"}, 20)) == {1.0}
+    assert set(lrs(BASE, 20)) == {1.0}
 
 
 def test_adamw_gets_the_configured_weight_decay() -> None:
@@ -48,3 +57,12 @@ def test_adamw_gets_the_configured_weight_decay() -> None:
 def test_unknown_schedule_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match=r"constant.*cosine"):
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], {**BASE, "lr_schedule": "step"}, 5)
+
+
+@pytest.mark.parametrize(("config_name", "decays"), [("train_vae", False), ("train_unet", True)])
+def test_each_stage_gets_the_schedule_its_config_names(config_name: str, decays: bool) -> None:
+    """The code reads the YAML's schedule, warmup included: it has no default of its own."""
+    optim = plain(compose_config(config_name).optim)
+    rates = lrs(optim, optim["lr_warmup_steps"] + 100)
+    assert rates[optim["lr_warmup_steps"]] == pytest.approx(optim["lr"])
+    assert (rates[-1] < optim["lr"] / 2) is decays

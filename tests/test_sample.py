@@ -34,7 +34,9 @@ from ldm.exports import (
 )
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE, VAEConfig
+from ldm.pipeline import SamplingOptions
 from ldm.sampling import labelled_grid, read_png_metadata, run_sampling
+from ldm.training.diffusion_module import LatentDiffusionModule
 
 TINY_VAE = VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8)
 TINY_UNET = UNetConfig(
@@ -85,7 +87,8 @@ def trained_like_unet(seed: int) -> UNet:
 
 
 def make_exports(root: Path) -> Exports:
-    """A VAE export, a U-Net export naming it, and the Lightning checkpoint of the same run."""
+    """A VAE export, a U-Net export naming it, and the Lightning checkpoint of the same run:
+    written from one training module, as the stage runner and Lightning write them."""
     torch.manual_seed(0)
     vae_dir = save_vae_export(
         root / "vae" / "export",
@@ -93,29 +96,31 @@ def make_exports(root: Path) -> Exports:
         latent_stats=LATENT_STATS,
         extra={"image_size": IMAGE_SIZE},
     )
-    vae_sha256 = read_json(vae_dir / "vae.json")["weights_sha256"]
-    raw, ema = trained_like_unet(1), trained_like_unet(2)
-    provenance = {
-        "vae_export": str(vae_dir.resolve()),
-        "vae_weights_sha256": vae_sha256,
-        "text_encoder": {"model_name": TINY_CLIP, "pretrained": None, "max_length": 77},
-        "image_size": IMAGE_SIZE,
-    }
-    recorded = {
-        "diffusion": dataclasses.asdict(SCHEDULE),
-        "latent_scale": LATENT_STATS["scale_factor"],
-        "latent_shape": [4, 8, 8],
-        "context_length": CONTEXT_LENGTH,
-    }
-    unet_dir = save_unet_export(
-        root / "unet" / "run" / "export", raw=raw, ema=ema, description={**recorded, **provenance}
+    module = LatentDiffusionModule(
+        unet=TINY_UNET.to_dict(),
+        diffusion=dataclasses.asdict(SCHEDULE),
+        optim={"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0},
+        ema={},
+        cond_dropout=0.1,
+        latent_scale=LATENT_STATS["scale_factor"],
+        latent_shape=[4, 8, 8],
+        context_length=CONTEXT_LENGTH,
+        validation={"timestep_buckets": 2},
+        provenance={
+            "vae_export": str(vae_dir.resolve()),
+            "vae_weights_sha256": read_json(vae_dir / "vae.json")["weights_sha256"],
+            "text_encoder": {"model_name": TINY_CLIP, "pretrained": None, "max_length": 77},
+            "image_size": IMAGE_SIZE,
+        },
     )
-    state_dict = {f"unet.{k}": v for k, v in raw.state_dict().items()}
-    state_dict |= {f"ema.module.{k}": v for k, v in ema.state_dict().items()}
+    module.unet.load_state_dict(trained_like_unet(1).state_dict())
+    module.ema.module.load_state_dict(trained_like_unet(2).state_dict())
+    unet_dir = save_unet_export(root / "unet" / "run" / "export", module.export())
+    checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)  # as Lightning calls it before writing the file
     ckpt = root / "unet" / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
-    hparams = {"unet": TINY_UNET.to_dict(), **recorded, "provenance": provenance}
-    torch.save({"hyper_parameters": hparams, "state_dict": state_dict}, ckpt)
+    torch.save(checkpoint, ckpt)
     return Exports(vae_dir, unet_dir, ckpt)
 
 
@@ -152,20 +157,25 @@ def sample_cfg(ckpt: Path, out_dir: Path, *overrides: str) -> DictConfig:
     return compose_config("sample", [*defaults, *overrides])
 
 
-def sample_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sample_script", REPO_ROOT / "sample.py")
+def entry_script(filename: str) -> ModuleType:
+    """An entry script of the repository (sample.py, evaluate.py), loaded to call its main."""
+    spec = importlib.util.spec_from_file_location(Path(filename).stem, REPO_ROOT / filename)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def main_fails(cfg: DictConfig) -> str:
-    """Run sample.py's main; it must exit non-zero with a message (returned) and no traceback."""
+def script_fails(filename: str, cfg: DictConfig) -> str:
+    """Run the script's main; it must exit non-zero with a message (returned), no traceback."""
     with pytest.raises(SystemExit) as exit_info:
-        sample_script().main(cfg)
+        entry_script(filename).main(cfg)
     message = exit_info.value.code
-    assert isinstance(message, str) and message.startswith("sample.py: ")
+    assert isinstance(message, str) and message.startswith(f"{filename}: ")
     return message
+
+
+def main_fails(cfg: DictConfig) -> str:
+    return script_fails("sample.py", cfg)
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -394,7 +404,7 @@ def test_demo_experiment_samples_with_the_demo_defaults(exports, tmp_path) -> No
     cfg = compose_config("sample", ["experiment=demo"])
     assert (cfg.sampler, cfg.steps, cfg.cfg_scale) == ("ddim", 25, 3.0)
     cfg = sample_cfg(exports.unet, tmp_path, "experiment=demo", "steps=3", "n=1")
-    sample_script().main(cfg)
+    entry_script("sample.py").main(cfg)
     image = next(tmp_path.glob("*seed0.png"))
     assert read_png_metadata(image)["cfg_scale"] == "3.0"
 
@@ -462,11 +472,23 @@ def test_export_of_another_format_version_is_refused(exports, tmp_path) -> None:
 
 def test_lightning_checkpoint_lacking_what_sampling_needs_is_refused(exports, tmp_path) -> None:
     state = torch.load(exports.lightning_ckpt, weights_only=True)
-    del state["hyper_parameters"]["provenance"]
+    del state["export"]["metadata"]["vae_export"]
     old = tmp_path / "old.ckpt"
     torch.save(state, old)
     message = main_fails(sample_cfg(old, tmp_path / "out"))
     assert "vae_export" in message and "incompatible" in message
+
+
+def test_checkpoint_from_before_checkpoints_carried_an_export_says_what_to_do(
+    exports, tmp_path
+) -> None:
+    state = torch.load(exports.lightning_ckpt, weights_only=True)
+    del state["export"]
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+    message = main_fails(sample_cfg(old, tmp_path / "out"))
+    assert "before checkpoints carried their export" in message
+    assert "runs/unet/<run>/export" in message and f"ckpt_path={old}" in message
 
 
 def test_retrained_vae_is_caught_by_its_fingerprint(tmp_path) -> None:
@@ -522,6 +544,53 @@ def test_strength_without_an_init_image_is_refused(exports, tmp_path) -> None:
 def test_more_steps_than_training_timesteps_is_refused(exports, tmp_path) -> None:
     message = main_fails(sample_cfg(exports.unet, tmp_path, f"steps={NUM_TIMESTEPS + 1}"))
     assert f"steps={NUM_TIMESTEPS + 1}" in message and f"T={NUM_TIMESTEPS}" in message
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"steps": 201}, r"steps=201 is outside 1\.\.200: .*T=200"),
+        ({"steps": 0}, "steps must be at least 1, got 0"),
+        ({"steps": 20.0}, r"steps must be an integer, got 20\.0"),
+        ({"sampler": "euler"}, "sampler='euler' is not supported; choose one of ddpm, ddim"),
+        ({"sampler": "ddpm", "eta": 0.5}, "eta=0.5 only applies to sampler='ddim'"),
+        ({"eta": 1.5}, r"eta=1\.5 is outside \[0, 1\]"),
+        ({"cfg_scale": -1}, r"cfg_scale=-1\.0 is a negative scale"),
+        ({"cfg_scale": "high"}, "cfg_scale must be a number, got 'high'"),
+        ({"strength": 0.5}, "strength=0.5 only applies to image-to-image"),
+        ({"strength": 0, "image_to_image": True}, r"strength=0\.0 is outside \(0, 1\)"),
+        ({"strength": 1.2, "image_to_image": True}, r"strength=1\.2 is outside \(0, 1\)"),
+        ({"strength": 1, "image_to_image": True}, "strength 1 would ignore the init image"),
+    ],
+)
+def test_sampling_options_are_checked_where_they_enter_with_what_was_wrong(
+    options, expected
+) -> None:
+    """The one check every entry (sample.py, evaluate.py, training's grids) goes through."""
+    with pytest.raises(ValueError, match=expected):
+        SamplingOptions.checked(num_train_timesteps=200, **options)
+
+
+def test_checked_options_default_to_text_to_image_and_img2img_strength() -> None:
+    assert SamplingOptions.checked(num_train_timesteps=200) == SamplingOptions()
+    img2img = SamplingOptions.checked(num_train_timesteps=200, image_to_image=True)
+    assert img2img.strength == 0.75
+
+
+def test_training_refuses_validation_sampling_options_when_its_module_is_built() -> None:
+    with pytest.raises(ValueError, match=r"validation\.sampling: steps=51 is outside 1\.\.50"):
+        LatentDiffusionModule(
+            unet=TINY_UNET.to_dict(),
+            diffusion=dataclasses.asdict(SCHEDULE),
+            optim={},
+            ema={},
+            cond_dropout=0.1,
+            latent_scale=1.0,
+            latent_shape=[4, 8, 8],
+            context_length=CONTEXT_LENGTH,
+            validation={"timestep_buckets": 2, "sampling": {"steps": NUM_TIMESTEPS + 1}},
+            provenance={},
+        )
 
 
 @pytest.mark.parametrize(

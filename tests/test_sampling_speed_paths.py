@@ -316,22 +316,25 @@ def test_full_batches_are_not_padded() -> None:
 # ---- the compile option at the boundary ------------------------------------------------------
 
 
+T = 200  # the checkpoint's number of training timesteps, the most sampling steps it allows
+
+
 def sample_request_cfg(*overrides: str):
     return compose_config("sample", ["prompt='a red circle'", *overrides])
 
 
 def test_compile_is_off_unless_asked_for() -> None:
-    assert request_from_config(sample_request_cfg()).compile_mode == "none"
+    assert request_from_config(sample_request_cfg(), T).compile_mode == "none"
 
 
 @pytest.mark.parametrize("mode", COMPILE_MODES)
 def test_every_compile_mode_is_accepted(mode: str) -> None:
-    assert request_from_config(sample_request_cfg(f"compile={mode}")).compile_mode == mode
+    assert request_from_config(sample_request_cfg(f"compile={mode}"), T).compile_mode == mode
 
 
 def test_unknown_compile_mode_is_refused_naming_the_valid_ones() -> None:
     with pytest.raises(SamplingError) as error:
-        request_from_config(sample_request_cfg("compile=bogus"))
+        request_from_config(sample_request_cfg("compile=bogus"), T)
 
     assert str(error.value) == (
         "compile='bogus' is not supported; choose one of none, default, reduce-overhead, "
@@ -341,7 +344,7 @@ def test_unknown_compile_mode_is_refused_naming_the_valid_ones() -> None:
 
 @pytest.mark.parametrize(("n", "batch_size", "full"), [(10, 4, 4), (3, 8, 3)])
 def test_full_batch_size_is_the_size_of_every_batch_but_the_last(n, batch_size, full) -> None:
-    request = request_from_config(sample_request_cfg(f"n={n}", f"batch_size={batch_size}"))
+    request = request_from_config(sample_request_cfg(f"n={n}", f"batch_size={batch_size}"), T)
 
     assert request.full_batch_size == full
     assert all(len(batch) <= full for batch in request.batches())

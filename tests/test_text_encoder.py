@@ -11,8 +11,7 @@ import huggingface_hub
 import open_clip
 import pytest
 import torch
-from helpers import CONF_DIR, TINY_CLIP
-from omegaconf import OmegaConf
+from helpers import TINY_CLIP
 from torch import nn
 
 from ldm.text import (
@@ -53,8 +52,10 @@ def test_token_lengths_count_start_and_end_markers(tiny_encoder: FrozenTextEncod
     assert embedding.token_lengths.tolist() == [2, 3, 4]
 
 
-def test_random_init_is_the_same_for_the_same_seed() -> None:
+def test_random_init_depends_on_the_seed_alone_not_the_global_random_state() -> None:
+    torch.manual_seed(1)
     first = FrozenTextEncoder(tiny_config(seed=7)).encode(PROMPTS).hidden_states
+    torch.manual_seed(2)
     second = FrozenTextEncoder(tiny_config(seed=7)).encode(PROMPTS).hidden_states
     assert torch.equal(first, second)
 
@@ -262,13 +263,6 @@ def test_fingerprint_tells_weight_sources_apart(tmp_path: Path) -> None:
     ]
     assert len({json.dumps(f, sort_keys=True) for f in fingerprints}) == len(fingerprints)
     assert tiny_config(seed=0).fingerprint() == tiny_config(seed=0).fingerprint()
-
-
-def test_config_file_holds_the_real_run_defaults() -> None:
-    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "text_encoder" / "default.yaml"))
-    config = TextEncoderConfig.from_dict(raw)
-    assert config == TextEncoderConfig()
-    assert (config.model_name, config.pretrained) == ("ViT-B-32", "laion2b_s34b_b79k")
 
 
 def test_unknown_config_keys_are_refused() -> None:

@@ -14,12 +14,17 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import compose_config
+from helpers import (
+    TINY_OPTIM,
+    TINY_VAE_RUN,
+    TinyLatentBatches,
+    compose_config,
+    tiny_diffusion_module,
+)
 from lightning.pytorch.callbacks import Callback
 from test_training_step_paths import ForbidHostReadsAfterWarmup
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ldm.data.batch_randomness import StepRandomness, batch_generator
 from ldm.data.dataset import batch_as_is
 from ldm.runs import OutputDirectoryError
 from ldm.training.checkpointing import CheckpointWriteError
@@ -29,22 +34,14 @@ from ldm.training.step_metrics import NonFiniteSteps
 from ldm.training.vae_module import VAEModule
 from ldm.training.vae_stage import run_vae_stage
 
-LATENT_SHAPE = (4, 8, 8)
-CONTEXT = (3, 16)
 BATCH = 4
 VAE_RUN = [
-    "experiment=demo",
-    "data.image_size=32",
-    "data.batch_size=4",
-    "model.vae.block_channels=[16,32]",
-    "model.vae.norm_groups=8",
-    "logging.num_images=2",
+    *TINY_VAE_RUN,
     "latent_stats.max_batches=1",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=6",
     "trainer.limit_val_batches=1",
     "trainer.checkpoint_every_n_steps=2",
-    "logger=none",
 ]
 
 
@@ -65,51 +62,14 @@ class InjectNonFinite(LatentDiffusionModule):
 
 
 def tiny_unet(inject: dict[int, str], **overrides: Any) -> InjectNonFinite:
-    torch.manual_seed(0)
-    module = InjectNonFinite(
-        unet={
-            "model_channels": 8,
-            "channel_multipliers": [1],
-            "res_blocks_per_level": 1,
-            "transformer_levels": [0],
-            "norm_groups": 4,
-            "attention_head_dim": 8,
-            "context_dim": CONTEXT[1],
-        },
-        diffusion={},
-        optim={"lr": 1e-2, "betas": [0.9, 0.999], "weight_decay": 0.1},
+    module = tiny_diffusion_module(
+        InjectNonFinite,
+        optim=TINY_OPTIM | {"lr": 1e-2, "weight_decay": 0.1},
         ema={"decay_max": 0.9},
-        cond_dropout=0.2,
-        latent_scale=0.5,
-        latent_shape=list(LATENT_SHAPE),
-        context_length=CONTEXT[0],
-        validation={"timestep_buckets": 2},
-        provenance={},
         **overrides,
     )
     module.inject = inject
     return module
-
-
-class LatentBatches(Dataset):
-    """Stand-in for the latent cache: random float16 latents and captions, with the step's
-    randomness drawn the way the real loader draws it."""
-
-    def __init__(self, size: int, randomness: StepRandomness) -> None:
-        self.size, self.randomness = size, randomness
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitems__(self, keys: list[int]) -> dict[str, torch.Tensor]:
-        generator = batch_generator([(key, key) for key in keys])
-        batch = {
-            "index": torch.tensor(keys),
-            "latent_mean": torch.randn(len(keys), *LATENT_SHAPE, generator=generator).half(),
-            "latent_std": torch.rand(len(keys), *LATENT_SHAPE, generator=generator).half(),
-            "text_hidden_states": torch.randn(len(keys), *CONTEXT, generator=generator).half(),
-        }
-        return batch | self.randomness.draw(len(keys), generator)
 
 
 def tiny_trainer(
@@ -130,7 +90,7 @@ def tiny_trainer(
 
 
 def fit(trainer: L.Trainer, module: LatentDiffusionModule, steps: int) -> None:
-    batches = LatentBatches(BATCH * steps, module.step_randomness(train=True))
+    batches = TinyLatentBatches(BATCH * steps, module.step_randomness(train=True))
     loader = DataLoader(batches, batch_size=BATCH, drop_last=True, collate_fn=batch_as_is)
     trainer.fit(module, train_dataloaders=loader)
 

@@ -10,11 +10,17 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import (
+    TINY_CONTEXT,
+    TINY_LATENT_SHAPE,
+    TINY_OPTIM,
+    TinyLatentBatches,
+    tiny_diffusion_module,
+)
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ldm.data.batch_randomness import StepRandomness, batch_generator
 from ldm.data.dataset import batch_as_is
 from ldm.devices import resolve_device
 from ldm.training.callbacks import ThroughputLogger
@@ -22,8 +28,6 @@ from ldm.training.diffusion_module import LatentDiffusionModule
 from ldm.training.optim import build_optimizer
 from ldm.training.step_metrics import MetricWindow
 
-LATENT_SHAPE = (4, 8, 8)
-CONTEXT = (3, 16)
 BATCH = 4
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
@@ -53,50 +57,7 @@ def host_reads_forbidden() -> Iterator[None]:
 
 
 def tiny_module(**overrides: Any) -> LatentDiffusionModule:
-    torch.manual_seed(0)
-    arguments: dict[str, Any] = {
-        "unet": {
-            "model_channels": 8,
-            "channel_multipliers": [1],
-            "res_blocks_per_level": 1,
-            "transformer_levels": [0],
-            "norm_groups": 4,
-            "attention_head_dim": 8,
-            "context_dim": CONTEXT[1],
-        },
-        "diffusion": {"loss_weighting": "min_snr"},
-        "optim": {"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0},
-        "ema": {},
-        "cond_dropout": 0.2,
-        "latent_scale": 0.5,
-        "latent_shape": list(LATENT_SHAPE),
-        "context_length": CONTEXT[0],
-        "validation": {"timestep_buckets": 2},
-        "provenance": {},
-    }
-    return LatentDiffusionModule(**(arguments | overrides))
-
-
-class CachedLatentBatches(Dataset):
-    """Stand-in for the latent cache: float16 batches with the step randomness, as the real
-    loader builds them (``__getitems__`` over the sampler's keys)."""
-
-    def __init__(self, size: int, randomness: StepRandomness) -> None:
-        self.size = size
-        self.randomness = randomness
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitems__(self, keys: list[int]) -> dict[str, torch.Tensor]:
-        generator = batch_generator([(key, key) for key in keys])
-        batch = {
-            "index": torch.tensor(keys),
-            "latent_mean": torch.randn(len(keys), *LATENT_SHAPE, generator=generator).half(),
-            "latent_std": torch.rand(len(keys), *LATENT_SHAPE, generator=generator).half(),
-            "text_hidden_states": torch.randn(len(keys), *CONTEXT, generator=generator).half(),
-        }
-        return batch | self.randomness.draw(len(keys), generator)
+    return tiny_diffusion_module(diffusion={"loss_weighting": "min_snr"}, **overrides)
 
 
 class ForbidHostReadsAfterWarmup(Callback):
@@ -128,7 +89,7 @@ class ForbidHostReadsAfterWarmup(Callback):
 
 def fit_tiny(module: LatentDiffusionModule, callbacks: list[Callback], steps: int = 5) -> None:
     loader = DataLoader(
-        CachedLatentBatches(BATCH * steps, module.step_randomness(train=True)),
+        TinyLatentBatches(BATCH * steps, module.step_randomness(train=True)),
         batch_size=BATCH,
         drop_last=True,
         collate_fn=batch_as_is,
@@ -180,7 +141,7 @@ def test_the_unet_training_step_makes_no_cuda_sync() -> None:
 
     module = tiny_module(fused_optimizer=True)
     loader = DataLoader(
-        CachedLatentBatches(BATCH * 5, module.step_randomness(train=True)),
+        TinyLatentBatches(BATCH * 5, module.step_randomness(train=True)),
         batch_size=BATCH,
         drop_last=True,
         collate_fn=batch_as_is,
@@ -208,10 +169,10 @@ def test_the_compiled_training_loss_equals_the_eager_one_with_its_gradients() ->
     eager, compiled = tiny_module(), tiny_module(compile_mode="default")
     drawn = eager.step_randomness(train=True).draw(BATCH, torch.Generator().manual_seed(0))
     inputs = (
-        torch.randn(BATCH, *LATENT_SHAPE).half(),
-        torch.rand(BATCH, *LATENT_SHAPE).half(),
+        torch.randn(BATCH, *TINY_LATENT_SHAPE).half(),
+        torch.rand(BATCH, *TINY_LATENT_SHAPE).half(),
         drawn["posterior_noise"],
-        torch.randn(BATCH, *CONTEXT).half(),
+        torch.randn(BATCH, *TINY_CONTEXT).half(),
         drawn["drop_condition"],
         drawn["timesteps"],
         drawn["diffusion_noise"],
@@ -241,9 +202,8 @@ def test_a_metric_window_averages_over_the_samples_each_bucket_got() -> None:
 
 def test_fused_adamw_is_what_the_profile_asks_for() -> None:
     parameters = [torch.nn.Parameter(torch.zeros(3))]
-    optim = {"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0}
-    assert build_optimizer(parameters, optim, 10, fused=True)["optimizer"].defaults["fused"]
-    assert not build_optimizer(parameters, optim, 10)["optimizer"].defaults["fused"]
+    assert build_optimizer(parameters, TINY_OPTIM, 10, fused=True)["optimizer"].defaults["fused"]
+    assert not build_optimizer(parameters, TINY_OPTIM, 10)["optimizer"].defaults["fused"]
 
 
 def test_device_profiles_carry_the_speed_switches_and_check_the_compile_mode() -> None:
@@ -252,9 +212,15 @@ def test_device_profiles_carry_the_speed_switches_and_check_the_compile_mode() -
         "num_workers": 0,
         "pin_memory": False,
         "persistent_workers": False,
+        "tf32": False,
+        "cudnn_benchmark": False,
+        "channels_last": False,
     }
     trainer_cfg = {
         "device": "cpu",
+        "precision": None,
+        "num_workers": None,
+        "compile": None,
         "profiles": {"cpu": profile | {"compile": "none", "fused_optimizer": True}},
     }
     settings = resolve_device(trainer_cfg)
@@ -279,10 +245,10 @@ def test_throughput_is_logged_per_window_without_the_validation_time(tmp_path) -
 
     torch.manual_seed(0)
     module = TimedSteps(**tiny_module().hparams)
-    batches = CachedLatentBatches(BATCH * 4, module.step_randomness(train=True))
+    batches = TinyLatentBatches(BATCH * 4, module.step_randomness(train=True))
     loader = DataLoader(batches, batch_size=BATCH, drop_last=True, collate_fn=batch_as_is)
     val_loader = DataLoader(
-        CachedLatentBatches(BATCH, module.step_randomness(train=False)),
+        TinyLatentBatches(BATCH, module.step_randomness(train=False)),
         batch_size=BATCH,
         collate_fn=batch_as_is,
     )

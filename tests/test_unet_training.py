@@ -113,7 +113,7 @@ def test_resuming_continues_the_step_count_and_lr_schedule(trained, tmp_path) ->
     saved = torch.load(last, weights_only=True)
     cfg.ckpt_path = str(last)
     cfg.trainer.max_epochs = 3
-    cfg.logger = {"kind": "none"}
+    cfg.logger.kind = "none"
     resumed = run_unet_stage(cfg, run_dir=tmp_path / "resumed")
     after = torch.load(resumed.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert after["global_step"] == saved["global_step"] * 3 // 2

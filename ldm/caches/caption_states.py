@@ -30,15 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ldm.caches.image_latents import STAGE2_BUILD_HINT, records_fingerprint
-from ldm.data.array_store import (
-    building_cache,
-    complete_cache_metadata,
-    open_array,
-)
+from ldm.data.array_store import building_cache, open_array, open_complete_cache
 from ldm.data.coco_index import CaptionedImage
-from ldm.progress import progress_bar
 from ldm.text.encoder import FrozenTextEncoder
 
 log = logging.getLogger(__name__)
@@ -98,18 +94,8 @@ class CaptionHiddenStateCache:
 
     @classmethod
     def open(cls, folder: Path) -> CaptionHiddenStateCache:
-        folder = Path(folder)
-        metadata = complete_cache_metadata(
-            folder,
-            CAPTION_STATES_KIND,
-            STAGE2_BUILD_HINT,
-        )
-        return cls(
-            folder=folder,
-            metadata=metadata,
-            hidden_states=open_array(folder, "hidden_states.npy"),
-            empty_prompt=open_array(folder, "empty_prompt.npy"),
-        )
+        arrays = ("hidden_states", "empty_prompt")
+        return cls(**open_complete_cache(folder, CAPTION_STATES_KIND, STAGE2_BUILD_HINT, arrays))
 
     @property
     def num_positions(self) -> int:
@@ -155,7 +141,7 @@ def build_caption_hidden_state_cache(
     unique = list(rows)
     token_counts = [
         encoder.token_count(caption)
-        for caption in progress_bar(unique, total=len(unique), description="Tokenizing captions")
+        for caption in tqdm(unique, desc="Tokenizing captions", dynamic_ncols=True)
     ]
     longest = max(token_counts)
     num_positions = min(longest, max_positions or encoder.max_length, encoder.max_length)
@@ -174,7 +160,7 @@ def build_caption_hidden_state_cache(
             "hidden_states.npy", (len(unique), num_positions, encoder.width), np.float16
         )
         starts = range(0, len(unique), batch_size)
-        for start in progress_bar(starts, total=len(starts), description="Encoding captions"):
+        for start in tqdm(starts, desc="Encoding captions", dynamic_ncols=True):
             batch = unique[start : start + batch_size]
             states = encoder.encode_hidden_states(batch, num_positions)  # (B, L, W)
             hidden[start : start + len(batch)] = states.half().cpu().numpy()

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from ldm.caches.caption_states import (
@@ -41,6 +40,7 @@ from ldm.caches.image_latents import (
     image_latent_key,
     records_fingerprint,
 )
+from ldm.config import plain
 from ldm.data.array_store import (
     CacheConfig,
     cache_is_current,
@@ -53,7 +53,8 @@ from ldm.data.config import DataConfig
 from ldm.data.datamodule import CaptionedImageDataModule, LoaderSettings
 from ldm.data.dataset import batch_as_is
 from ldm.data.image_cache import image_files_fingerprint
-from ldm.data.sampler import ResumableDataLoader, ResumableDataModule
+from ldm.data.resumable_datamodule import ResumableDataModule
+from ldm.data.resumable_loader import ResumableDataLoader
 from ldm.exports import file_fingerprint, load_vae_export, read_vae_metadata
 from ldm.text import FrozenTextEncoder, TextEncoderConfig
 
@@ -122,13 +123,13 @@ class LatentDataModule(ResumableDataModule):
     ) -> LatentDataModule:
         """Build from the ``data``, ``cache`` and ``text_encoder`` nodes of a Hydra config."""
         return cls(
-            DataConfig.from_dict(_plain(data_cfg)),
+            DataConfig.from_dict(plain(data_cfg)),
             loader,
             seed=seed,
             cache_dir=cache_dir,
-            cache=CacheConfig.from_dict(_plain(cache_cfg)),
+            cache=CacheConfig.from_dict(plain(cache_cfg)),
             vae_export=vae_export,
-            text_encoder=TextEncoderConfig.from_dict(_plain(text_encoder_cfg)),
+            text_encoder=TextEncoderConfig.from_dict(plain(text_encoder_cfg)),
             encode_device=encode_device,
         )
 
@@ -366,8 +367,3 @@ class LatentDataModule(ResumableDataModule):
             )
             self._resident[split] = ResidentLatents.upload(self.latents[split], text)
         return batch | self._resident[split].gather(batch)
-
-
-def _plain(node: Any) -> dict[str, Any]:
-    """A Hydra node (or a plain dict) as a plain, resolved dict."""
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)

@@ -21,14 +21,7 @@ from torch.utils.data import Dataset
 
 from ldm.caches.caption_states import SplitCaptionStates
 from ldm.caches.image_latents import ImageLatentCache
-from ldm.data.batch_randomness import (
-    NO_RANDOMNESS,
-    ItemKey,
-    StepRandomness,
-    batch_generator,
-    draw_item_choices,
-    split_keys,
-)
+from ldm.data.batch_randomness import NO_RANDOMNESS, ItemKey, StepRandomness, draw_batch_choices
 
 GATHERED_KEYS = ("latent_mean", "latent_std", "text_hidden_states")
 
@@ -91,6 +84,7 @@ class CachedLatentDataset(Dataset):
             )
         self.latents = latents
         self.captions = captions
+        self.num_captions = torch.from_numpy(np.diff(captions.caption_offsets))  # (N,)
         self.train = train
         self.randomness = randomness
         self.gather_on_host = gather_on_host
@@ -99,14 +93,11 @@ class CachedLatentDataset(Dataset):
         return len(self.latents)
 
     def __getitems__(self, keys: Sequence[ItemKey]) -> dict[str, Any]:
-        generator = batch_generator(keys)
-        index = split_keys(keys).numpy()
-        offsets = self.captions.caption_offsets
-        first_caption = offsets[index]
-        num_captions = torch.from_numpy(offsets[index + 1] - first_caption)
-        choices = draw_item_choices(
-            generator, num_captions, can_flip=self.latents.has_flipped, train=self.train
+        choices = draw_batch_choices(
+            keys, self.num_captions, can_flip=self.latents.has_flipped, train=self.train
         )
+        index = choices.index.numpy()
+        first_caption = self.captions.caption_offsets[index]
         caption_row = self.captions.caption_rows[first_caption + choices.caption_index.numpy()]
         batch: dict[str, Any] = {
             "index": torch.from_numpy(index),
@@ -123,7 +114,7 @@ class CachedLatentDataset(Dataset):
                 self.latents.captions[i][c]
                 for i, c in zip(index.tolist(), choices.caption_index.tolist(), strict=True)
             ]
-        return batch | self.randomness.draw(len(keys), generator)
+        return batch | self.randomness.draw(len(keys), choices.generator)
 
     def __getitem__(self, key: ItemKey) -> dict[str, Any]:
         """One item, as the batch of one it belongs to (for inspection and tests)."""

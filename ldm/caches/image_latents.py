@@ -24,17 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from ldm.data.array_store import (
-    building_cache,
-    complete_cache_metadata,
-    open_array,
-)
+from ldm.data.array_store import building_cache, open_complete_cache
 from ldm.data.coco_index import CaptionedImage
-from ldm.data.dataset import CaptionedImageDataset, batch_as_is
+from ldm.data.image_cache import decoded_batches
+from ldm.data.transforms import to_model_range
 from ldm.models.vae import VAE
-from ldm.progress import progress_bar
 
 STAGE2_BUILD_HINT = "Build it with LatentDataModule.prepare_data() (train_unet.py does this first)."
 IMAGE_LATENTS_KIND = "image_latents"
@@ -77,21 +72,11 @@ class ImageLatentCache:
 
     @classmethod
     def open(cls, folder: Path) -> ImageLatentCache:
-        folder = Path(folder)
-        metadata = complete_cache_metadata(
-            folder,
-            IMAGE_LATENTS_KIND,
-            STAGE2_BUILD_HINT,
+        opened = open_complete_cache(
+            folder, IMAGE_LATENTS_KIND, STAGE2_BUILD_HINT, ("mean", "std", "image_ids")
         )
-        captions = json.loads((folder / "captions.json").read_text(encoding="utf-8"))
-        return cls(
-            folder=folder,
-            metadata=metadata,
-            mean=open_array(folder, "mean.npy"),
-            std=open_array(folder, "std.npy"),
-            image_ids=open_array(folder, "image_ids.npy"),
-            captions=captions,
-        )
+        captions_file = opened["folder"] / "captions.json"
+        return cls(**opened, captions=json.loads(captions_file.read_text(encoding="utf-8")))
 
     def __reduce__(self) -> tuple:
         """Pickle as the folder name: DataLoader workers reopen the memory maps themselves
@@ -134,11 +119,12 @@ def build_image_latent_cache(
     variants = 2 if hflip else 1
     latent_side = image_size_px // vae.downsample_factor
     shape = (len(records), variants, vae.config.latent_channels, latent_side, latent_side)
-    loader = DataLoader(
-        CaptionedImageDataset(records, image_size_px, train=False),
+    batches = decoded_batches(
+        records,
+        image_size_px=image_size_px,
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=batch_as_is,  # the dataset batches in __getitems__
+        what="latents",
     )
     vae = vae.to(device).eval()
     started = time.perf_counter()
@@ -146,19 +132,14 @@ def build_image_latent_cache(
         mean = writer.new_array("mean.npy", shape, np.float16)
         std = writer.new_array("std.npy", shape, np.float16)
         image_ids = writer.new_array("image_ids.npy", (len(records),), np.int64)
-        start = 0
-        for batch in progress_bar(loader, total=len(loader), description="Encoding latents"):
-            expected = records[start : start + batch_size]
-            _check_batch_complete(batch, expected)
-            images = batch["image"].to(device)  # (B, 3, S, S)
+        for rows, batch in batches:
+            images = to_model_range(batch["image"]).to(device)  # (B, 3, S, S)
             if hflip:
                 images = torch.cat([images, images.flip(-1)])  # (V·B, 3, S, S)
             posterior = vae.encode(images)
-            stop = start + len(expected)
-            mean[start:stop] = _by_image(posterior.mean, variants)
-            std[start:stop] = _by_image(posterior.std, variants)
-            image_ids[start:stop] = batch["image_id"].numpy()
-            start = stop
+            mean[rows] = _by_image(posterior.mean, variants)
+            std[rows] = _by_image(posterior.std, variants)
+            image_ids[rows] = batch["image_id"].numpy()
         writer.write_json("captions.json", [list(record.captions) for record in records])
         seconds = time.perf_counter() - started
         writer.finish(
@@ -181,16 +162,3 @@ def _by_image(values: torch.Tensor, variants: int) -> np.ndarray:
     """(V·B, C, h, w), variants stacked batch-wise → (B, V, C, h, w) float16 on the CPU."""
     per_variant = values.float().cpu().unflatten(0, (variants, -1))  # (V, B, C, h, w)
     return per_variant.transpose(0, 1).numpy().astype(np.float16)
-
-
-def _check_batch_complete(batch: dict | None, expected: list[CaptionedImage]) -> None:
-    """Refuse to cache around an image that became unreadable after the up-front check:
-    skipping it would misalign latents and captions."""
-    got = set() if batch is None else set(batch["image_id"].tolist())
-    unreadable = [str(record.path) for record in expected if record.image_id not in got]
-    if unreadable:
-        raise RuntimeError(
-            f"Could not read {len(unreadable)} image(s) while caching latents, though they passed "
-            f"the up-front check: {unreadable[:5]}. Fix or remove those files (and the image-check "
-            "cache under paths.cache_dir/image-checks), then run again."
-        )

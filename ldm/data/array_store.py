@@ -18,15 +18,15 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ldm.config_keys import refuse_unknown_keys
+from ldm.config.parse import dataclass_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,8 @@ class CacheConfig:
             )
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> CacheConfig:
-        refuse_unknown_keys("cache", raw, {f.name for f in fields(cls)})
-        return cls(**raw)
+    def from_dict(cls, values: dict[str, Any]) -> CacheConfig:
+        return dataclass_from_dict(cls, values, "cache")
 
 
 def key_differences(cached: Any, wanted: Any, path: str = "") -> list[str]:
@@ -104,13 +103,19 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
     return metadata if isinstance(metadata, dict) else None
 
 
-def complete_cache_metadata(folder: Path, kind: str, build_hint: str) -> dict[str, Any]:
-    """The ``cache.json`` of the complete ``kind`` cache in ``folder``, or an error that says
-    how to build one (``build_hint``)."""
+def open_complete_cache(
+    folder: Path, kind: str, build_hint: str, arrays: Sequence[str]
+) -> dict[str, Any]:
+    """The fields of an opened ``kind`` cache: ``folder``, its ``metadata`` (``cache.json``) and
+    each of ``arrays`` (``{name}.npy``) as a read-only memory map; when ``folder`` holds no
+    complete ``kind`` cache, an error that says how to build one (``build_hint``)."""
+    folder = Path(folder)
     metadata = read_metadata(folder)
     if metadata is None or metadata.get("kind") != kind:
         raise FileNotFoundError(f"No {kind} cache at {folder}. {build_hint}")
-    return metadata
+    return {"folder": folder, "metadata": metadata} | {
+        name: open_array(folder, f"{name}.npy") for name in arrays
+    }
 
 
 def cache_is_current(folder: Path, kind: str, key: dict[str, Any], policy: str) -> bool:

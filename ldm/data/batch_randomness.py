@@ -39,31 +39,34 @@ def batch_generator(keys: Sequence[ItemKey]) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) & (2**63 - 1))
 
 
-def split_keys(keys: Sequence[ItemKey]) -> Tensor:
-    """The (B,) int64 dataset indices of a batch's keys."""
-    return torch.tensor([key[0] if isinstance(key, tuple) else key for key in keys])
-
-
 @dataclass(frozen=True)
-class ItemChoices:
-    """Per-image augmentation choices of one batch."""
+class BatchChoices:
+    """What a batch's keys decide before anything is read: the items, one caption of each,
+    mirrored or not, and the generator the step's random tensors are drawn from next."""
 
+    index: Tensor  # (B,) int64 dataset indices
     caption_index: Tensor  # (B,) int64, within each image's own captions
     flip: Tensor  # (B,) bool
+    generator: torch.Generator
 
 
-def draw_item_choices(
-    generator: torch.Generator, num_captions: Tensor, *, can_flip: bool, train: bool
-) -> ItemChoices:
-    """One caption per image (uniform among its own) and a coin-flip mirror; evaluation takes
-    the first caption, never mirrored. Drawn first, so the image and latent paths agree."""
-    batch = num_captions.shape[0]
+def draw_batch_choices(
+    keys: Sequence[ItemKey], num_captions: Tensor, *, can_flip: bool, train: bool
+) -> BatchChoices:
+    """One caption per image (uniform among its own; ``num_captions`` (N,) counts every item's)
+    and a coin-flip mirror; evaluation takes the first caption, never mirrored. Drawn first
+    from the batch's generator, so the image and latent paths agree."""
+    generator = batch_generator(keys)
+    index = torch.tensor([key[0] if isinstance(key, tuple) else key for key in keys])
+    batch = index.shape[0]
     if not train:
-        return ItemChoices(torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=bool))
+        unchosen = torch.zeros(batch, dtype=torch.long)
+        return BatchChoices(index, unchosen, torch.zeros(batch, dtype=bool), generator)
+    counts = num_captions[index]
     uniform = torch.rand(batch, generator=generator, dtype=torch.float64)
-    caption_index = (uniform * num_captions).long().clamp_(max=num_captions - 1)
+    caption_index = (uniform * counts).long().clamp_(max=counts - 1)
     flips = torch.rand(batch, generator=generator) < 0.5
-    return ItemChoices(caption_index, flips & can_flip)
+    return BatchChoices(index, caption_index, flips & can_flip, generator)
 
 
 @dataclass(frozen=True)

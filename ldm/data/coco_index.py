@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pycocotools.coco import COCO
+from tqdm.auto import tqdm
 
 from ldm.data.bad_input import BadInputReport
 from ldm.data.image_check_cache import ImageCheckCache
 from ldm.data.images import ImageReadError, read_rgb_image
-from ldm.progress import progress_bar
 
 DOWNLOAD_HINT = "Run `make coco` to download COCO 2017, or point data.root at your copy."
 _WHITESPACE = re.compile(r"\s+")
@@ -139,8 +139,11 @@ def _check_files(
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
             results = pool.map(_check_image_file, todo)
-            for path, problem in progress_bar(
-                zip(todo, results, strict=True), total=len(todo), description="Checking images"
+            for path, problem in tqdm(
+                zip(todo, results, strict=True),
+                total=len(todo),
+                desc="Checking images",
+                dynamic_ncols=True,
             ):
                 known[path] = problem
         if cache:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ldm.config_keys import refuse_unknown_keys
+from ldm.config.parse import dataclass_from_dict
 from ldm.data.bad_input import ON_BAD_INPUT_CHOICES
 from ldm.data.image_cache import IMAGE_CACHE_CHOICES
 from ldm.data.synthetic import SyntheticConfig
@@ -39,24 +39,17 @@ class DataConfig:
     on_bad_input: str = "warn"
     verify_images: bool = True
     image_cache: str = "auto"
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # None: not a synthetic source (what conf/data/coco.yaml gives)
+    synthetic: SyntheticConfig | None = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_cache, bool):  # YAML 1.1 reads a bare on/off as a bool
+            object.__setattr__(self, "image_cache", "on" if self.image_cache else "off")
+        self.validate()
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> DataConfig:
-        refuse_unknown_keys("data", raw, {f.name for f in fields(cls)})
-        values = dict(raw)
-        values["root"] = Path(values["root"])
-        values["train"] = _split_files("train", values["train"])
-        if values.get("val"):
-            values["val"] = _split_files("val", values["val"])
-        synthetic = values.get("synthetic") or {}
-        refuse_unknown_keys("data.synthetic", synthetic, {f.name for f in fields(SyntheticConfig)})
-        values["synthetic"] = SyntheticConfig(**synthetic)
-        if isinstance(values.get("image_cache"), bool):  # YAML 1.1 reads a bare on/off as a bool
-            values["image_cache"] = "on" if values["image_cache"] else "off"
-        config = cls(**values)
-        config.validate()
-        return config
+    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
+        return dataclass_from_dict(cls, values, "data")
 
     def validate(self) -> None:
         if self.source not in SOURCES:
@@ -71,6 +64,11 @@ class DataConfig:
                 f"data.image_cache must be one of {IMAGE_CACHE_CHOICES}, got "
                 f"{self.image_cache!r}: on decodes every image once into a cache, off decodes "
                 "on the fly, auto is on when training on CUDA."
+            )
+        if self.source == "synthetic" and self.synthetic is None:
+            raise ValueError(
+                "data.source=synthetic needs data.synthetic, the generator's settings: use "
+                "data=synthetic (conf/data/synthetic.yaml)."
             )
         if self.val is None and not self.val_fraction:
             raise ValueError(
@@ -89,8 +87,3 @@ class DataConfig:
                 f"data.image_size must be a multiple of 8 (the VAE downsamples 8×), "
                 f"got {self.image_size}"
             )
-
-
-def _split_files(split: str, raw: dict[str, Any]) -> SplitFiles:
-    refuse_unknown_keys(f"data.{split}", raw, {f.name for f in fields(SplitFiles)})
-    return SplitFiles(**{name: Path(value) for name, value in raw.items()})

@@ -22,7 +22,8 @@ from ldm.data.image_cache import (
     ensure_image_cache,
     image_cache_enabled,
 )
-from ldm.data.sampler import ResumableDataLoader, ResumableDataModule
+from ldm.data.resumable_datamodule import ResumableDataModule
+from ldm.data.resumable_loader import ResumableDataLoader
 from ldm.data.synthetic import generate_synthetic_dataset
 
 log = logging.getLogger(__name__)

@@ -7,15 +7,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from ldm.data.batch_randomness import (
     NO_RANDOMNESS,
+    BatchChoices,
     ItemKey,
     StepRandomness,
-    batch_generator,
-    draw_item_choices,
-    split_keys,
+    draw_batch_choices,
 )
 from ldm.data.coco_index import CaptionedImage
 from ldm.data.images import ImageReadError, read_rgb_image
@@ -46,6 +46,7 @@ class CaptionedImageDataset(Dataset):
         if image_size_px < 8:
             raise ValueError(f"data.image_size must be at least 8 pixels, got {image_size_px}")
         self.records = records
+        self.num_captions = torch.tensor([len(record.captions) for record in records])
         self.image_size_px = image_size_px
         self.train = train
         self.hflip = hflip and train
@@ -56,11 +57,8 @@ class CaptionedImageDataset(Dataset):
 
     def _item(self, index: int, caption_index: int, flip: bool) -> dict[str, Any] | None:
         record = self.records[index]
-        try:
-            image = read_rgb_image(record.path, min_size_px=self.image_size_px)
-        except ImageReadError as error:
-            # The file changed or broke after the up-front check: skip it, never crash the epoch.
-            log.warning("Skipping unreadable image during training: %s", error)
+        image = read_image_or_skip(record, self.image_size_px)
+        if image is None:
             return None
         return {
             "image": image_to_model_tensor(image, self.image_size_px, flip=flip),
@@ -68,28 +66,44 @@ class CaptionedImageDataset(Dataset):
             "image_id": record.image_id,
         }
 
-    def _choices(self, keys: Sequence[ItemKey], generator: torch.Generator):
-        indices = split_keys(keys)
-        num_captions = torch.tensor([len(self.records[i].captions) for i in indices.tolist()])
-        choices = draw_item_choices(generator, num_captions, can_flip=self.hflip, train=self.train)
-        return indices.tolist(), choices.caption_index.tolist(), choices.flip.tolist()
+    def _drawn_items(
+        self, keys: Sequence[ItemKey]
+    ) -> tuple[list[dict[str, Any] | None], BatchChoices]:
+        choices = draw_batch_choices(keys, self.num_captions, can_flip=self.hflip, train=self.train)
+        items = [
+            self._item(index, caption_index, flip)
+            for index, caption_index, flip in zip(
+                choices.index.tolist(),
+                choices.caption_index.tolist(),
+                choices.flip.tolist(),
+                strict=True,
+            )
+        ]
+        return items, choices
 
     def __getitem__(self, key: ItemKey) -> dict[str, Any] | None:
-        (index,), (caption_index,), (flip,) = self._choices([key], batch_generator([key]))
-        return self._item(index, caption_index, flip)
+        items, _ = self._drawn_items([key])
+        return items[0]
 
     def __getitems__(self, keys: Sequence[ItemKey]) -> dict[str, Any] | None:
         """One batch: the readable images collated, plus the step's random tensors."""
-        generator = batch_generator(keys)
-        items = [
-            self._item(*choice) for choice in zip(*self._choices(keys, generator), strict=True)
-        ]
+        items, choices = self._drawn_items(keys)
         batch = collate_skipping_unreadable(items)
         if batch is None:
             return None
         if self.train:
             del batch["caption"]
-        return batch | self.randomness.draw(batch["image"].shape[0], generator)
+        return batch | self.randomness.draw(batch["image"].shape[0], choices.generator)
+
+
+def read_image_or_skip(record: CaptionedImage, image_size_px: int) -> Image.Image | None:
+    """The record's image, or None (with a warning) when its file changed or broke after the
+    up-front check: the caller skips it rather than crash an epoch."""
+    try:
+        return read_rgb_image(record.path, min_size_px=image_size_px)
+    except ImageReadError as error:
+        log.warning("Skipping an unreadable image: %s", error)
+        return None
 
 
 def collate_skipping_unreadable(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,26 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from ldm.data.array_store import (
-    building_cache,
-    cache_is_current,
-    complete_cache_metadata,
-    open_array,
-)
-from ldm.data.batch_randomness import (
-    NO_RANDOMNESS,
-    ItemKey,
-    StepRandomness,
-    batch_generator,
-    draw_item_choices,
-    split_keys,
-)
+from ldm.data.array_store import building_cache, cache_is_current, open_complete_cache
+from ldm.data.batch_randomness import NO_RANDOMNESS, ItemKey, StepRandomness, draw_batch_choices
 from ldm.data.coco_index import CaptionedImage
-from ldm.data.dataset import collate_skipping_unreadable
-from ldm.data.images import ImageReadError, read_rgb_image
+from ldm.data.dataset import collate_skipping_unreadable, read_image_or_skip
 from ldm.data.transforms import image_to_uint8_tensor
-from ldm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +85,9 @@ class ImageCache:
 
     @classmethod
     def open(cls, folder: Path) -> ImageCache:
-        folder = Path(folder)
-        metadata = complete_cache_metadata(
-            folder,
-            DECODED_IMAGES_KIND,
-            "Build it with CaptionedImageDataModule.prepare_data() (training does this first).",
-        )
-        return cls(
-            folder=folder,
-            metadata=metadata,
-            pixels=open_array(folder, "pixels.npy"),
-            image_ids=open_array(folder, "image_ids.npy"),
-        )
+        hint = "Build it with CaptionedImageDataModule.prepare_data() (training does this first)."
+        arrays = ("pixels", "image_ids")
+        return cls(**open_complete_cache(folder, DECODED_IMAGES_KIND, hint, arrays))
 
     def __reduce__(self) -> tuple:
         """Pickle as the folder name: loader workers reopen the memory maps themselves."""
@@ -154,15 +132,51 @@ class _DecodedImages(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
-        try:
-            image = read_rgb_image(record.path, min_size_px=self.image_size_px)
-        except ImageReadError as error:
-            log.warning("Unreadable image while caching decoded images: %s", error)
+        image = read_image_or_skip(record, self.image_size_px)
+        if image is None:
             return None
         return {
             "image": image_to_uint8_tensor(image, self.image_size_px),
             "image_id": record.image_id,
         }
+
+
+def decoded_batches(
+    records: list[CaptionedImage],
+    *,
+    image_size_px: int,
+    batch_size: int,
+    num_workers: int,
+    what: str,
+    alternative: str = "",
+) -> Iterator[tuple[slice, dict[str, Any]]]:
+    """``records`` decoded in order by ``num_workers`` loader processes: each batch (uint8
+    ``image`` (B, 3, S, S), ``image_id``) with the rows of the ``what`` cache it fills.
+
+    An image unreadable since the up-front check stops the build (``alternative``: what else the
+    user can do): skipping it would shift every later row against its record.
+    """
+    loader = DataLoader(
+        _DecodedImages(records, image_size_px),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_skipping_unreadable,
+    )
+    start = 0
+    for batch in tqdm(loader, desc=f"Caching {what}", dynamic_ncols=True):
+        expected = records[start : start + batch_size]
+        got = set() if batch is None else set(batch["image_id"].tolist())
+        unreadable = [str(record.path) for record in expected if record.image_id not in got]
+        if unreadable:
+            raise RuntimeError(
+                f"Could not read {len(unreadable)} image(s) while caching {what}, though they "
+                f"passed the up-front check: {unreadable[:5]}. Fix or remove those files (and "
+                "the image-check cache under paths.cache_dir/image-checks), then run again"
+                f"{alternative}."
+            )
+        stop = start + len(expected)
+        yield slice(start, stop), batch
+        start = stop
 
 
 def build_image_cache(
@@ -176,44 +190,27 @@ def build_image_cache(
 ) -> ImageCache:
     """Decode ``records`` in ``num_workers`` loader processes into a new cache at ``folder``."""
     records = list(records)
-    loader = DataLoader(
-        _DecodedImages(records, image_size_px),
+    batches = decoded_batches(
+        records,
+        image_size_px=image_size_px,
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=collate_skipping_unreadable,
+        what="decoded images",
+        alternative=", or set data.image_cache=off to decode on the fly and skip them",
     )
     with building_cache(folder) as writer:
         shape = (len(records), 3, image_size_px, image_size_px)
         pixels = writer.new_array("pixels.npy", shape, np.uint8)
         image_ids = writer.new_array("image_ids.npy", (len(records),), np.int64)
-        start = 0
-        for batch in progress_bar(loader, total=len(loader), description="Caching decoded images"):
-            expected = records[start : start + batch_size]
-            _check_batch_complete(batch, expected)
-            stop = start + len(expected)
-            pixels[start:stop] = batch["image"].numpy()
-            image_ids[start:stop] = batch["image_id"].numpy()
-            start = stop
+        for rows, batch in batches:
+            pixels[rows] = batch["image"].numpy()
+            image_ids[rows] = batch["image_id"].numpy()
         writer.finish(
             DECODED_IMAGES_KIND,
             key,
             {"count": len(records), "shape": list(shape), "dtype": "uint8"},
         )
     return ImageCache.open(folder)
-
-
-def _check_batch_complete(batch: dict[str, Any] | None, expected: list[CaptionedImage]) -> None:
-    """Refuse to cache around an image that became unreadable after the up-front check:
-    skipping it would shift every later row against its record."""
-    got = set() if batch is None else set(batch["image_id"].tolist())
-    unreadable = [str(record.path) for record in expected if record.image_id not in got]
-    if unreadable:
-        raise RuntimeError(
-            f"Could not read {len(unreadable)} image(s) while caching decoded images, though "
-            f"they passed the up-front check: {unreadable[:5]}. Fix or remove those files (and "
-            "the image-check cache under paths.cache_dir/image-checks) and run again, or set "
-            "data.image_cache=off to decode on the fly and skip them."
-        )
 
 
 class CachedImageDataset(Dataset):
@@ -251,12 +248,8 @@ class CachedImageDataset(Dataset):
         return len(self.cache)
 
     def __getitems__(self, keys: Sequence[ItemKey]) -> dict[str, Any]:
-        generator = batch_generator(keys)
-        index = split_keys(keys)
-        choices = draw_item_choices(
-            generator, self.num_captions[index], can_flip=self.hflip, train=self.train
-        )
-        rows = index.numpy()
+        choices = draw_batch_choices(keys, self.num_captions, can_flip=self.hflip, train=self.train)
+        rows = choices.index.numpy()
         images = torch.from_numpy(self.cache.pixels[rows])  # (B, 3, S, S) uint8
         if self.hflip:
             images = torch.where(choices.flip[:, None, None, None], images.flip(-1), images)
@@ -269,7 +262,7 @@ class CachedImageDataset(Dataset):
                 self.records[i].captions[c]
                 for i, c in zip(rows.tolist(), choices.caption_index.tolist(), strict=True)
             ]
-        return batch | self.randomness.draw(len(keys), generator)
+        return batch | self.randomness.draw(len(keys), choices.generator)
 
     def __getitem__(self, key: ItemKey) -> dict[str, Any]:
         """One item, as the batch of one it belongs to (for inspection and tests)."""

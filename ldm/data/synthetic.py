@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from ldm.progress import progress_bar
+from tqdm.auto import tqdm
 
 GENERATOR_VERSION = 1
 
@@ -35,6 +34,11 @@ Triple = tuple[str, str, str]  # (shape, colour, background)
 
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.32, "large": 0.62}  # shape extent as a fraction of the image side
+# read_attributes: a square fills its box (1), a circle π/4 ≈ 0.785: the midpoint between them.
+SQUARE_MIN_FILL = 0.89
+# A triangle's centroid lies 1/6 of its height below its box's middle; a circle's and a
+# square's at it. Half of 1/6 splits them.
+TRIANGLE_CENTROID_OFFSET = 1 / 12
 
 
 @dataclass(frozen=True)
@@ -244,7 +248,7 @@ def _write_split(
     folder = root / SPLIT_FOLDERS[split]
     folder.mkdir(parents=True)
     images, annotations = [], []
-    for offset in progress_bar(range(count), total=count, description=f"Drawing {split} shapes"):
+    for offset in tqdm(range(count), desc=f"Drawing {split} shapes", dynamic_ncols=True):
         image_id = first_id + offset
         attributes = _sample_attributes(rng, combos)
         file_name = f"{image_id:012d}.jpg"
@@ -327,33 +331,47 @@ def _nearest_palette_color(rgb: np.ndarray, palette: Palette) -> str:
 def read_attributes(image: Image.Image | np.ndarray, palette: Palette) -> dict[str, str]:
     """Recover shape, colour, background and size from pixels alone.
 
-    Background: the median colour of the border. Shape: the pixels far from it; its colour is
-    their median, its size the extent of their bounding box, and its kind the fraction of that
-    box it fills (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2). Colours are named after the nearest
-    colour of ``palette``, which must be the palette of the set the image belongs to.
+    Background: the median colour of the border. Shape colour: the median of the pixels farthest
+    from it. Every pixel's *coverage* is where it lies between the two colours (0 background,
+    1 shape), so anti-aliased or softened edges count for the part of the pixel they cover and
+    the reading does not depend on how far apart the two colours are. The shape's extent is the
+    summed coverage of its rows and columns (its size), its fill the coverage over that box
+    (square ≈ 1, circle ≈ π/4), and a triangle (apex up) is told by its mass sitting low: its
+    centroid is a sixth of its height below the box's middle, where a circle's and a square's
+    is at it. Colours are named after the nearest colour of ``palette``, the palette of the set
+    the image belongs to.
     """
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     pixels = pixels.astype(np.float64)
     side = pixels.shape[0]
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background_rgb = np.median(border, axis=0)
-    mask = np.linalg.norm(pixels - background_rgb, axis=-1) > 60
-    if mask.sum() < 4:
+    distance = np.linalg.norm(pixels - background_rgb, axis=-1)
+    far = distance > 60
+    if far.sum() < 4:
         return {
             "background": _nearest_palette_color(background_rgb, palette),
             "shape": "none",
             "color": "none",
             "size": "none",
         }
-    rows, cols = np.nonzero(mask)
-    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-    fill = mask.sum() / (height * width)
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    shape_rgb = np.median(pixels[distance >= np.median(distance[far])], axis=0)
+    contrast = shape_rgb - background_rgb
+    coverage = np.clip((pixels - background_rgb) @ contrast / (contrast @ contrast), 0.0, 1.0)
+    coverage[coverage < 0.2] = 0.0  # faint noise in the background is not part of the shape
+    row_coverage, column_coverage = coverage.max(axis=1), coverage.max(axis=0)
+    height, width = row_coverage.sum(), column_coverage.sum()
+    fill = coverage.sum() / (height * width)
+    covered_rows = np.nonzero(row_coverage > 0.5)[0]
+    top, bottom = covered_rows.min(), covered_rows.max()
+    centroid_row = coverage.sum(axis=1) @ np.arange(side) / coverage.sum()
+    sits_low = (centroid_row - (top + bottom) / 2) / (bottom - top + 1) > TRIANGLE_CENTROID_OFFSET
+    shape = "triangle" if sits_low else "square" if fill > SQUARE_MIN_FILL else "circle"
     extent = max(height, width) / side
     threshold = (SIZES["small"] + SIZES["large"]) / 2
     return {
         "shape": shape,
-        "color": _nearest_palette_color(np.median(pixels[mask], axis=0), palette),
+        "color": _nearest_palette_color(shape_rgb, palette),
         "background": _nearest_palette_color(background_rgb, palette),
         "size": "small" if extent < threshold else "large",
     }

@@ -6,10 +6,10 @@ exact schedule and objective it was trained with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from ldm.config_keys import refuse_unknown_keys
+from ldm.config.parse import dataclass_from_dict
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -66,11 +66,8 @@ class ScheduleConfig:
             )
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ScheduleConfig:
-        """Build from the ``diffusion`` node (a plain dict); a mistyped key is refused with
-        its close match instead of a bare TypeError."""
-        refuse_unknown_keys("diffusion", raw, {f.name for f in fields(cls)})
-        return cls(**raw)
+    def from_dict(cls, values: dict[str, Any]) -> ScheduleConfig:
+        return dataclass_from_dict(cls, values, "diffusion")
 
     @property
     def beta_range(self) -> tuple[float, float]:

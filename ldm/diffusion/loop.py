@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.guidance import guided_prediction
@@ -14,7 +15,6 @@ from ldm.diffusion.noise import Generators, standard_normal
 from ldm.diffusion.samplers import StepOutput, make_sampler
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.timesteps import sampling_timesteps, timesteps_for_strength
-from ldm.progress import progress_bar
 
 
 @torch.no_grad()
@@ -40,16 +40,12 @@ def sample(
     exact comparisons); ``generator`` (one, or one per image) must live on that device. The
     model should already be in eval mode. ``sampler`` is one of ``SAMPLERS``; ``steps`` ≤ T are
     spread by ``sampling_timesteps`` and ``strength`` < 1 (img2img only) runs just their tail.
+    The options are trusted: they were checked where they entered (``SamplingOptions.checked``).
     """
     if (shape is None) == (init_latent is None):
         raise ValueError(
             "give exactly one of shape (start from pure noise) or init_latent (img2img); "
             f"got shape={shape} and init_latent={'a tensor' if init_latent is not None else None}."
-        )
-    if init_latent is None and strength != 1:
-        raise ValueError(
-            f"strength={strength} needs an init_latent to start from; pure-noise sampling "
-            "always uses strength=1."
         )
     step_rule = make_sampler(sampler, schedule, eta=eta)
     timesteps = timesteps_for_strength(
@@ -69,7 +65,7 @@ def sample(
 
     last_step: StepOutput | None = None
     for i, t in enumerate(
-        progress_bar(t_list, description=f"sampling ({sampler})", enabled=progress)
+        tqdm(t_list, desc=f"sampling ({sampler})", disable=not progress, dynamic_ncols=True)
     ):
         t_prev = t_list[i + 1] if i + 1 < len(t_list) else -1
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)

@@ -28,8 +28,8 @@ a step only launches device work: no step reads a value back from the device.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
 
 from torch import Tensor
 
@@ -48,8 +48,28 @@ class StepOutput:
     timestep: int
 
 
-class Sampler(Protocol):
-    """What the sampling loop needs: one reverse step at a time."""
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """What a reverse step from t to t_prev starts from: x_t, the model's x0 and ε estimates,
+    ᾱ at both timesteps, the step before (multistep solvers) and the noise generator."""
+
+    sample: Tensor
+    pred_x0: Tensor
+    pred_epsilon: Tensor
+    t: int
+    t_prev: int
+    alpha_bar: float
+    alpha_bar_prev: float
+    last_step: StepOutput | None
+    generator: Generators
+
+
+class Sampler(ABC):
+    """One reverse step at a time. ``step`` reads what every update needs from the schedule;
+    each sampler supplies only its update rule, ``next_sample``."""
+
+    def __init__(self, schedule: NoiseSchedule) -> None:
+        self.schedule = schedule
 
     def step(
         self,
@@ -60,18 +80,33 @@ class Sampler(Protocol):
         *,
         last_step: StepOutput | None = None,
         generator: Generators = None,
-    ) -> StepOutput: ...
+    ) -> StepOutput:
+        """x_{t_prev} from ``sample`` = x_t and the model's output at t."""
+        pred_x0, pred_epsilon = self.schedule.x0_and_epsilon(model_output, sample, t)
+        inputs = StepInputs(
+            sample,
+            pred_x0,
+            pred_epsilon,
+            t,
+            t_prev,
+            self.schedule.alpha_bar(t),
+            self.schedule.alpha_bar(t_prev),
+            last_step,
+            generator,
+        )
+        return StepOutput(sample=self.next_sample(inputs), pred_x0=pred_x0, timestep=t)
+
+    @abstractmethod
+    def next_sample(self, step: StepInputs) -> Tensor:
+        """The sample at ``step.t_prev``."""
 
 
-class DDPMSampler:
+class DDPMSampler(Sampler):
     """Ancestral sampling (Ho et al. 2020): draw x_{t_prev} from q(x_{t_prev} | x_t, x̂0).
 
     Over all T steps this is the original DDPM; over a strided subset the same posterior is taken
     between non-adjacent timesteps, with the "fixed small" (posterior) variance.
     """
-
-    def __init__(self, schedule: NoiseSchedule) -> None:
-        self.schedule = schedule
 
     def posterior_mean_variance(
         self, pred_x0: Tensor, sample: Tensor, t: int, t_prev: int
@@ -84,57 +119,34 @@ class DDPMSampler:
         ) * sample
         return mean, _posterior_variance(alpha_bar, alpha_bar_prev)
 
-    def step(
-        self,
-        model_output: Tensor,
-        t: int,
-        t_prev: int,
-        sample: Tensor,
-        *,
-        last_step: StepOutput | None = None,
-        generator: Generators = None,
-    ) -> StepOutput:
-        pred_x0, _ = self.schedule.x0_and_epsilon(model_output, sample, t)
-        mean, variance = self.posterior_mean_variance(pred_x0, sample, t, t_prev)
+    def next_sample(self, step: StepInputs) -> Tensor:
+        mean, variance = self.posterior_mean_variance(
+            step.pred_x0, step.sample, step.t, step.t_prev
+        )
         if variance > 0:
-            mean = mean + math.sqrt(variance) * _standard_normal_like(sample, generator)
-        return StepOutput(sample=mean, pred_x0=pred_x0, timestep=t)
+            mean = mean + math.sqrt(variance) * _standard_normal_like(step.sample, step.generator)
+        return mean
 
 
-class DDIMSampler:
+class DDIMSampler(Sampler):
     """DDIM (Song et al. 2021): deterministic for eta = 0, DDPM-like noise for eta = 1."""
 
     def __init__(self, schedule: NoiseSchedule, eta: float = 0.0) -> None:
-        if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 1:
-            raise ValueError(
-                f"eta={eta!r} is outside [0, 1]: 0 gives deterministic DDIM, "
-                "1 the DDPM noise level."
-            )
-        self.schedule = schedule
+        super().__init__(schedule)
         self.eta = float(eta)
 
-    def step(
-        self,
-        model_output: Tensor,
-        t: int,
-        t_prev: int,
-        sample: Tensor,
-        *,
-        last_step: StepOutput | None = None,
-        generator: Generators = None,
-    ) -> StepOutput:
-        alpha_bar, alpha_bar_prev = self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_prev)
-        pred_x0, pred_epsilon = self.schedule.x0_and_epsilon(model_output, sample, t)
+    def next_sample(self, step: StepInputs) -> Tensor:
+        alpha_bar, alpha_bar_prev = step.alpha_bar, step.alpha_bar_prev
         noise_std = self.eta * math.sqrt(_posterior_variance(alpha_bar, alpha_bar_prev))
         # max(…, 0): at eta = 1 the two terms cancel up to rounding.
         direction = math.sqrt(max(1 - alpha_bar_prev - noise_std**2, 0.0))
-        new_sample = math.sqrt(alpha_bar_prev) * pred_x0 + direction * pred_epsilon
+        new_sample = math.sqrt(alpha_bar_prev) * step.pred_x0 + direction * step.pred_epsilon
         if noise_std > 0:
-            new_sample = new_sample + noise_std * _standard_normal_like(sample, generator)
-        return StepOutput(sample=new_sample, pred_x0=pred_x0, timestep=t)
+            new_sample = new_sample + noise_std * _standard_normal_like(step.sample, step.generator)
+        return new_sample
 
 
-class DPMSolverPP2MSampler:
+class DPMSolverPP2MSampler(Sampler):
     """DPM-Solver++(2M) (Lu et al. 2022): second order in log-SNR, good in 15-25 steps.
 
     Each step is a DDIM step whose x0 estimate is extrapolated linearly in λ = log(α/σ) from this
@@ -142,54 +154,33 @@ class DPMSolverPP2MSampler:
     the clean end (λ = ∞) are plain first-order DDIM steps.
     """
 
-    def __init__(self, schedule: NoiseSchedule) -> None:
-        self.schedule = schedule
-
-    def step(
-        self,
-        model_output: Tensor,
-        t: int,
-        t_prev: int,
-        sample: Tensor,
-        *,
-        last_step: StepOutput | None = None,
-        generator: Generators = None,
-    ) -> StepOutput:
-        alpha_bar, alpha_bar_prev = self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_prev)
-        pred_x0, _ = self.schedule.x0_and_epsilon(model_output, sample, t)
-
-        x0_estimate = pred_x0
-        if last_step is not None and t_prev != -1:
-            if last_step.timestep <= t:
+    def next_sample(self, step: StepInputs) -> Tensor:
+        alpha_bar, alpha_bar_prev, last_step = step.alpha_bar, step.alpha_bar_prev, step.last_step
+        x0_estimate = step.pred_x0
+        if last_step is not None and step.t_prev != -1:
+            if last_step.timestep <= step.t:
                 raise ValueError(
-                    f"last_step left t={last_step.timestep}, which does not precede t={t}; "
+                    f"last_step left t={last_step.timestep}, which does not precede t={step.t}; "
                     "pass the StepOutput of the step just before this one."
                 )
             lambda_now = _half_log_snr(alpha_bar)
             step_size = _half_log_snr(alpha_bar_prev) - lambda_now
             last_step_size = lambda_now - _half_log_snr(self.schedule.alpha_bar(last_step.timestep))
-            slope = (pred_x0 - last_step.pred_x0) / last_step_size
-            x0_estimate = pred_x0 + 0.5 * step_size * slope
+            slope = (step.pred_x0 - last_step.pred_x0) / last_step_size
+            x0_estimate = step.pred_x0 + 0.5 * step_size * slope
 
         # The DDIM (first-order) update; exact if x0 stayed constant over the step.
         noise_ratio = math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
         x0_weight = math.sqrt(alpha_bar_prev) - noise_ratio * math.sqrt(alpha_bar)
-        new_sample = noise_ratio * sample + x0_weight * x0_estimate
-        return StepOutput(sample=new_sample, pred_x0=pred_x0, timestep=t)
+        return noise_ratio * step.sample + x0_weight * x0_estimate
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, *, eta: float = 0.0) -> Sampler:
-    """The sampler called ``name`` (one of ``SAMPLERS``); ``eta`` applies to DDIM only."""
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler={name!r} is not supported; choose one of {', '.join(SAMPLERS)}.")
+    """The sampler called ``name`` (one of ``SAMPLERS``); ``eta`` applies to DDIM only. The
+    options are trusted: they were checked where they entered (``SamplingOptions.checked``)."""
     if name == "ddim":
         return DDIMSampler(schedule, eta=eta)
-    if eta != 0:
-        raise ValueError(
-            f"eta={eta} only applies to sampler='ddim', but sampler={name!r}; "
-            "drop eta or switch to ddim (eta=1 there is DDPM-like)."
-        )
-    return DDPMSampler(schedule) if name == "ddpm" else DPMSolverPP2MSampler(schedule)
+    return {"ddpm": DDPMSampler, "dpmpp_2m": DPMSolverPP2MSampler}[name](schedule)
 
 
 def _half_log_snr(alpha_bar: float) -> float:

@@ -18,16 +18,9 @@ def sampling_timesteps(num_train_timesteps: int, steps: int) -> Tensor:
 
     diffusers computes the same grid with a floating-point ``arange``, which for a few counts
     (e.g. T=200 with 29, 31 or 48 steps) yields one step too many or rounds a tie the other way;
-    for every other count the grids are identical.
+    for every other count the grids are identical. ``steps`` is an int in 1..T (checked where
+    it entered, by ``SamplingOptions.checked``).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise ValueError(f"steps must be an integer, got {steps!r} ({type(steps).__name__}).")
-    if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(
-            f"steps={steps} is out of range: a sampler takes between 1 and "
-            f"T={num_train_timesteps} steps (num_train_timesteps of the schedule). "
-            f"Use 1 ≤ steps ≤ {num_train_timesteps}."
-        )
     # Exact rational arithmetic; Fraction rounds halves to even, like NumPy (12.5 → 12).
     return torch.tensor(
         [round(Fraction(num_train_timesteps * k, steps)) - 1 for k in range(steps, 0, -1)],
@@ -41,12 +34,5 @@ def timesteps_for_strength(timesteps: Tensor, strength: float) -> Tensor:
     strength = 1 keeps every step (the start latent is fully noised at T - 1); strength = 0.3
     noises the start latent only to the level of the step 70% of the way down the chain.
     """
-    if isinstance(strength, bool) or not isinstance(strength, int | float):
-        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}.")
-    if not 0 < strength <= 1:
-        raise ValueError(
-            f"strength={strength} is outside (0, 1]: it is the fraction of the chain to run "
-            "(1 = from pure noise, small = stay close to the start latent)."
-        )
     kept = max(1, round(strength * len(timesteps)))
     return timesteps[len(timesteps) - kept :]

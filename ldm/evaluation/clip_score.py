@@ -23,6 +23,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ldm.evaluation.errors import EvaluationError, MetricWeightsUnavailableError, one_line
+from ldm.text.loading import pretrained_tag_config
 
 RANDOM_INIT_SEED = 0
 CLIP_SCORE_SCALE = "100 × max(cosine(image, caption), 0), mean over images (as torchmetrics)"
@@ -109,13 +110,12 @@ def _weights(settings: ClipScoreSettings) -> tuple[str | None, dict[str, Any]]:
         return str(settings.weights_file), {}
     if settings.pretrained is None:
         return None, {}
-    tag_config = open_clip.get_pretrained_cfg(settings.model_name, settings.pretrained)
-    if not tag_config:
-        raise EvaluationError(
-            f"clip_score.pretrained={settings.pretrained!r} is not an open_clip tag for "
-            f"{settings.model_name}; known tags: "
-            f"{open_clip.list_pretrained_tags_by_model(settings.model_name)}."
+    try:
+        tag_config = pretrained_tag_config(
+            settings.model_name, settings.pretrained, setting="clip_score.pretrained"
         )
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
     try:
         return open_clip.download_pretrained(tag_config), tag_config
     # open_clip re-raises hub failures as FileNotFoundError (an OSError) or RuntimeError.

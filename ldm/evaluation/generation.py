@@ -13,27 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ldm.devices import DeviceSettings
 from ldm.diffusion import NoiseSchedule, ScheduleConfig
 from ldm.evaluation.pixels import number_of_batches
+from ldm.exports import SamplingCheckpoint
 from ldm.pipeline import LatentDiffusionPipeline, SamplingOptions
-from ldm.progress import progress_bar
 from ldm.sampling import (
     ImageJob,
     SampleRequest,
-    SamplingCheckpoint,
     load_matching_vae,
     load_sampling_checkpoint,
     save_png,
 )
 from ldm.sampling.outputs import image_filename, to_pil_images
-from ldm.sampling.run import (
-    autocast_dtype,
-    check_options,
-    image_metadata,
-    load_text_encoder,
-)
+from ldm.sampling.run import autocast_dtype, image_metadata, load_text_encoder
 
 
 @dataclass(frozen=True)
@@ -63,11 +58,6 @@ def load_sampling_model(
     return SamplingModel(checkpoint, pipeline)
 
 
-def check_sampling_options(model: SamplingModel, options: SamplingOptions) -> None:
-    """Refuse settings the checkpoint's schedule cannot run (e.g. steps > T) before any work."""
-    check_options(options, model.pipeline.schedule)
-
-
 def generate(
     model: SamplingModel,
     prompts: Sequence[str],
@@ -92,8 +82,8 @@ def generate(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     total = number_of_batches(len(request.jobs()), batch_size)
-    for batch in progress_bar(
-        request.batches(), total=total, description=description, enabled=progress
+    for batch in tqdm(
+        request.batches(), total=total, desc=description, disable=not progress, dynamic_ncols=True
     ):
         images = model.pipeline.generate(
             [job.prompt for job in batch], [job.seed for job in batch], options

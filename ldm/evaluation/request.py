@@ -1,7 +1,8 @@
 """What the user asked ``evaluate.py`` for, checked once before any model or image is loaded.
 
-Checks that need the checkpoint (steps ≤ T) happen once it is loaded; everything else that can
-be wrong in ``conf/evaluate.yaml`` is refused here with a message that names the fix.
+The sweep's sampling options are checked once the checkpoint is loaded (``sweep_settings``), as
+its T bounds the steps; everything else that can be wrong in ``conf/evaluate.yaml`` is refused
+here with a message that names the fix.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ldm.diffusion import SAMPLERS
 from ldm.evaluation.clip_score import ClipScoreSettings
 from ldm.evaluation.errors import EvaluationError
 from ldm.evaluation.fid import FidSettings
@@ -28,22 +28,18 @@ LOGGERS = ("none", "wandb")  # the sweep's table and plot are images: CSV cannot
 class SweepSetting:
     """One point of the guidance sweep."""
 
-    sampler: str
-    steps: int
-    cfg_scale: float
-
-    @property
-    def options(self) -> SamplingOptions:
-        return SamplingOptions(sampler=self.sampler, steps=self.steps, cfg_scale=self.cfg_scale)
+    options: SamplingOptions
 
     @property
     def label(self) -> str:
-        return f"{self.sampler} {self.steps} steps, cfg {self.cfg_scale:g}"
+        options = self.options
+        return f"{options.sampler} {options.steps} steps, cfg {options.cfg_scale:g}"
 
     @property
     def slug(self) -> str:
         """A folder name for the setting's samples, e.g. ``ddim-25steps-cfg7.5``."""
-        return f"{self.sampler}-{self.steps}steps-cfg{self.cfg_scale:g}"
+        options = self.options
+        return f"{options.sampler}-{options.steps}steps-cfg{options.cfg_scale:g}"
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,9 @@ class EvaluationRequest:
     ckpt: Path
     weights: str
     vae_export: Path | None
-    settings: tuple[SweepSetting, ...]  # every cfg_scale × every steps value
+    sampler: Any  # the sweep, as given: checked by sweep_settings once T is known
+    steps: tuple[Any, ...]
+    cfg_scales: tuple[Any, ...]
     num_samples: int  # generated images per setting for FID and CLIP score
     captions_file: Path | None
     num_real_images: int | None  # validation images in FID's real set; None → all
@@ -85,6 +83,24 @@ class EvaluationRequest:
         """FID and CLIP score are measured on samples of one fixed caption list."""
         return "fid" in self.metrics or "clip_score" in self.metrics
 
+    def sweep_settings(self, num_train_timesteps: int) -> tuple[SweepSetting, ...]:
+        """Every cfg_scale × every steps value, checked against the checkpoint's T."""
+        try:
+            return tuple(
+                SweepSetting(
+                    SamplingOptions.checked(
+                        num_train_timesteps=num_train_timesteps,
+                        sampler=self.sampler,
+                        steps=steps,
+                        cfg_scale=cfg_scale,
+                    )
+                )
+                for cfg_scale in self.cfg_scales
+                for steps in self.steps
+            )
+        except ValueError as error:
+            raise EvaluationError(f"The guidance sweep cannot run: {error}") from None
+
 
 def request_from_config(cfg: DictConfig) -> EvaluationRequest:
     """Parse and check ``conf/evaluate.yaml``'s keys (the data group is read where it is used)."""
@@ -96,18 +112,6 @@ def request_from_config(cfg: DictConfig) -> EvaluationRequest:
             f"supports {' | '.join(LOGGERS)} (results.json, results.md and sweep.png are written "
             "either way)."
         )
-    sampler = cfg.sampler
-    if sampler not in SAMPLERS:
-        raise EvaluationError(
-            f"sampler={sampler!r} is not supported; choose one of {', '.join(SAMPLERS)}."
-        )
-    cfg_scales = [_number("cfg_scales", value) for value in _list("cfg_scales", cfg.cfg_scales)]
-    if any(scale < 0 for scale in cfg_scales):
-        raise EvaluationError(
-            f"cfg_scales={cfg_scales} has a negative scale: 1 means no guidance, larger values "
-            "follow the prompt more closely (e.g. cfg_scales=[1,3,7.5])."
-        )
-    steps = [_positive_int("steps", value) for value in _list("steps", cfg.steps)]
     num_samples = _positive_int("num_samples", cfg.num_samples)
     if "fid" in metrics and num_samples < 2:
         raise EvaluationError(
@@ -132,7 +136,9 @@ def request_from_config(cfg: DictConfig) -> EvaluationRequest:
         ckpt=Path(cfg.ckpt),
         weights=str(cfg.weights),
         vae_export=_optional(cfg.vae_export, Path),
-        settings=tuple(SweepSetting(sampler, n, scale) for scale in cfg_scales for n in steps),
+        sampler=cfg.sampler,
+        steps=tuple(_list("steps", cfg.steps)),
+        cfg_scales=tuple(_list("cfg_scales", cfg.cfg_scales)),
         num_samples=num_samples,
         captions_file=captions_file,
         num_real_images=num_real,
@@ -208,9 +214,3 @@ def _positive_int(name: str, value: Any) -> int:
     if _int(name, value) < 1:
         raise EvaluationError(f"{name} must be at least 1, got {value}.")
     return value
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise EvaluationError(f"{name} must hold numbers, got {value!r}.")
-    return float(value)

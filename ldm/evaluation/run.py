@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm.auto import tqdm
 
 from ldm.data.coco_index import CaptionedImage
 from ldm.data.config import DataConfig
@@ -27,11 +28,16 @@ from ldm.evaluation import adherence
 from ldm.evaluation.clip_score import ClipScorer
 from ldm.evaluation.errors import EvaluationError
 from ldm.evaluation.fid import add_images, build_fid, describe_features
-from ldm.evaluation.generation import SamplingModel, check_sampling_options, load_sampling_model
+from ldm.evaluation.generation import SamplingModel, load_sampling_model
 from ldm.evaluation.pixels import RESIZE_METHOD, batched, number_of_batches, read_eval_pixels
 from ldm.evaluation.plot import PLOT_FILENAME, plot_sweep
 from ldm.evaluation.reconstruction import measure_reconstruction
-from ldm.evaluation.request import EvaluationRequest, read_captions_file, request_from_config
+from ldm.evaluation.request import (
+    EvaluationRequest,
+    SweepSetting,
+    read_captions_file,
+    request_from_config,
+)
 from ldm.evaluation.results import SCHEMA_VERSION, write_results
 from ldm.evaluation.sweep import SampleJudges, SamplingPlan, measure_setting
 from ldm.evaluation.validation_data import (
@@ -43,7 +49,6 @@ from ldm.evaluation.validation_data import (
 from ldm.evaluation.wandb_log import log_to_wandb
 from ldm.exports import load_vae_export
 from ldm.models.vae import VAE
-from ldm.progress import progress_bar
 from ldm.sampling import SamplingError, load_sampling_checkpoint
 from ldm.sampling.run import sampling_device
 
@@ -93,11 +98,10 @@ def run_evaluation(
     except ValueError as error:
         raise EvaluationError(f"The data config is not usable: {error}") from None
     prepare_data_source(data)
-    model = None
+    model, sweep_settings = None, ()
     if request.needs_unet:
         model = load_sampling_model(request.ckpt, request.weights, request.vae_export, device)
-        for setting in request.settings:
-            check_sampling_options(model, setting.options)
+        sweep_settings = request.sweep_settings(model.pipeline.schedule.num_train_timesteps)
     vae = _vae_of(model, request, data)
     resolution = request.resolution_px or vae.image_size
     validation = None
@@ -140,7 +144,7 @@ def run_evaluation(
         captions, sample_fid, clip, adherence_prompts, request.adherence.images_per_prompt
     )
 
-    sweep = [] if model is None else _sweep(model, request, judges, resolution)
+    sweep = [] if model is None else _sweep(model, sweep_settings, request, judges, resolution)
     reconstruction = None
     if reconstruction_fid is not None:
         if "fid" not in settings:
@@ -175,19 +179,23 @@ def run_evaluation(
 
 
 def _sweep(
-    model: SamplingModel, request: EvaluationRequest, judges: SampleJudges, resolution: int
+    model: SamplingModel,
+    settings: Sequence[SweepSetting],
+    request: EvaluationRequest,
+    judges: SampleJudges,
+    resolution: int,
 ) -> list[dict[str, Any]]:
     """Every setting's metrics, each on its own samples (kept under samples/<setting>/)."""
     plan = SamplingPlan(request.seed, request.batch_size, resolution, request.progress)
     sweep = []
-    for setting in request.settings:
+    for setting in settings:
         samples_dir = request.out_dir / SAMPLES_DIR / setting.slug
         log.info("Measuring %s; samples go to %s", setting.label, samples_dir)
         sweep.append(
             {
-                "sampler": setting.sampler,
-                "steps": setting.steps,
-                "cfg_scale": setting.cfg_scale,
+                "sampler": setting.options.sampler,
+                "steps": setting.options.steps,
+                "cfg_scale": setting.options.cfg_scale,
                 "samples_dir": str(samples_dir.relative_to(request.out_dir)),
                 "metrics": measure_setting(model, setting, judges, plan, samples_dir),
             }
@@ -282,8 +290,8 @@ def _pixel_batches(
     """Validation images as uint8 batches at the evaluation resolution, with a progress bar."""
     chunks = batched(records, request.batch_size)
     total = number_of_batches(len(records), request.batch_size)
-    for chunk in progress_bar(
-        chunks, total=total, description=description, enabled=request.progress
+    for chunk in tqdm(
+        chunks, total=total, desc=description, disable=not request.progress, dynamic_ncols=True
     ):
         yield read_eval_pixels([record.path for record in chunk], resolution)
 

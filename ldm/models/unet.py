@@ -6,13 +6,14 @@ the caption enters through cross-attention in the transformer blocks at the lowe
 and in the middle, where attention over all positions is cheap.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.config.parse import dataclass_from_dict
 from ldm.models.attention import SpatialTransformer
 from ldm.models.blocks import Downsample, ResnetBlock, TimestepEmbedding, Upsample, group_norm
 
@@ -100,16 +101,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "UNetConfig":
-        """Build from a plain dict (JSON, Hydra); unknown keys are refused, not ignored,
-        so a typo cannot silently fall back to a default."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown UNetConfig keys {unknown}; valid keys are {sorted(known)}. "
-                "Check the spelling in the model config."
-            )
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "model.unet")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly copy (tuples become lists)."""

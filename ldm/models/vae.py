@@ -4,13 +4,14 @@ The diffusion model later works in this latent space, so the VAE's only jobs are
 reconstruction and a latent that stays close to N(0, I) (a light KL penalty, not a prior).
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.config.parse import dataclass_from_dict
 from ldm.models.blocks import Downsample, ResnetBlock, SelfAttention2d, Upsample, group_norm
 
 
@@ -55,16 +56,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "VAEConfig":
-        """Build from a plain dict (JSON, Hydra); unknown keys are refused, not ignored,
-        so a typo cannot silently fall back to a default."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown VAEConfig keys {unknown}; valid keys are {sorted(known)}. "
-                "Check the spelling in the model config."
-            )
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "model.vae")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly copy (tuples become lists)."""

@@ -1,4 +1,5 @@
-"""What the user asked ``sample.py`` for, checked before any model is loaded.
+"""What the user asked ``sample.py`` for, checked once the U-Net is loaded (its T bounds the
+steps) and before the VAE and the text encoder are.
 
 Every image is one ``ImageJob``: its prompt, its position and its seed. Seeds are derived as
 ``seed + index`` over all images of the run (prompt-major), so any single image can be made again
@@ -16,11 +17,8 @@ from omegaconf import DictConfig, ListConfig
 from PIL import Image
 
 from ldm.data.images import ImageReadError, read_rgb_image
-from ldm.diffusion import SAMPLERS
 from ldm.pipeline import COMPILE_MODES, SamplingOptions
 from ldm.sampling.errors import SamplingError
-
-DEFAULT_IMG2IMG_STRENGTH = 0.75  # keeps the layout of the init image, redraws its details
 
 
 @dataclass(frozen=True)
@@ -66,25 +64,24 @@ class SampleRequest:
             yield jobs[start : start + self.batch_size]
 
 
-def request_from_config(cfg: DictConfig) -> SampleRequest:
+def request_from_config(cfg: DictConfig, num_train_timesteps: int) -> SampleRequest:
     """Parse and check the sampling keys of ``conf/sample.yaml``; the init image is read here.
 
-    Checks that need the checkpoint (steps ≤ T) happen once it is loaded.
+    ``num_train_timesteps`` is the loaded checkpoint's T, the most sampling steps it has.
     """
     init_path = None if cfg.init_image is None else Path(cfg.init_image)
-    strength = _strength(cfg.strength, has_init_image=init_path is not None)
-    options = SamplingOptions(
-        sampler=_choice("sampler", cfg.sampler, SAMPLERS),
-        steps=_positive_int("steps", cfg.steps),
-        cfg_scale=_number("cfg_scale", cfg.cfg_scale),
-        eta=_number("eta", cfg.eta),
-        strength=strength,
-    )
-    if options.cfg_scale < 0:
-        raise SamplingError(
-            f"cfg_scale={options.cfg_scale} must be ≥ 0: 1 means no guidance, larger values "
-            "follow the prompt more closely (7.5 is usual)."
+    try:
+        options = SamplingOptions.checked(
+            num_train_timesteps=num_train_timesteps,
+            sampler=cfg.sampler,
+            steps=cfg.steps,
+            cfg_scale=cfg.cfg_scale,
+            eta=cfg.eta,
+            strength=cfg.strength,
+            image_to_image=init_path is not None,
         )
+    except ValueError as error:
+        raise SamplingError(str(error)) from None
     return SampleRequest(
         prompts=tuple(read_prompts(cfg.prompt, cfg.prompts_file)),
         negative_prompt=str(cfg.negative_prompt or ""),
@@ -138,24 +135,6 @@ def read_init_image(path: Path) -> Image.Image:
         ) from None
 
 
-def _strength(value: Any, *, has_init_image: bool) -> float:
-    if value is None:
-        return DEFAULT_IMG2IMG_STRENGTH if has_init_image else 1.0
-    if not has_init_image:
-        raise SamplingError(
-            f"strength={value} only applies to image-to-image: add init_image=<path>, or drop "
-            "strength for text-to-image."
-        )
-    strength = _number("strength", value)
-    if not 0 < strength < 1:
-        raise SamplingError(
-            f"strength={strength} is outside (0, 1) for image-to-image: it is the share of the "
-            "denoising chain to run. Values near 0 keep the init image almost unchanged, values "
-            "near 1 redraw it; strength 1 would ignore the init image (drop init_image instead)."
-        )
-    return strength
-
-
 def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise SamplingError(
@@ -174,9 +153,3 @@ def _positive_int(name: str, value: Any) -> int:
     if _int(name, value) < 1:
         raise SamplingError(f"{name} must be at least 1, got {value}.")
     return value
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SamplingError(f"{name} must be a number, got {value!r}.")
-    return float(value)

@@ -1,7 +1,8 @@
-"""``sample.py`` end to end: check the request, load the checkpoint, generate, write, log.
+"""``sample.py`` end to end: load the checkpoint, check the request, generate, write, log.
 
 Models are loaded in order of cost (U-Net metadata and weights, then the VAE, then the text
-encoder), and every input the user can get wrong is checked before the expensive parts.
+encoder). The U-Net comes first because its schedule decides which sampling options exist;
+every other input the user can get wrong is checked before the VAE and the text encoder load.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from PIL import Image
 
 from ldm.data.transforms import image_to_model_tensor
 from ldm.devices import DeviceSettings, DeviceUnavailableError, resolve_device
-from ldm.diffusion import NoiseSchedule, ScheduleConfig, make_sampler
-from ldm.pipeline import LatentDiffusionPipeline, SamplingOptions
-from ldm.sampling.checkpoint import SamplingCheckpoint, load_matching_vae, load_sampling_checkpoint
+from ldm.diffusion import NoiseSchedule, ScheduleConfig
+from ldm.exports import SamplingCheckpoint, load_unet_for_sampling, load_vae_export
+from ldm.models.vae import VAE
+from ldm.pipeline import LatentDiffusionPipeline
 from ldm.sampling.errors import SamplingError
 from ldm.sampling.outputs import (
     grid_filename,
@@ -47,7 +49,6 @@ class SamplingResult:
 
 def run_sampling(cfg: DictConfig) -> SamplingResult:
     """Generate ``n`` images per prompt as ``cfg`` (``conf/sample.yaml``) asks; see sample.py."""
-    request = request_from_config(cfg)
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
     if logger_cfg.get("kind") not in SAMPLING_LOGGERS:
         raise SamplingError(
@@ -57,7 +58,7 @@ def run_sampling(cfg: DictConfig) -> SamplingResult:
     device = sampling_device(cfg.trainer)
     checkpoint = load_sampling_checkpoint(cfg.ckpt, cfg.weights)
     schedule = NoiseSchedule(ScheduleConfig(**checkpoint.diffusion))
-    check_options(request.options, schedule)
+    request = request_from_config(cfg, schedule.num_train_timesteps)
     vae = load_matching_vae(checkpoint, cfg.vae_export)
     text_encoder = load_text_encoder(checkpoint)
     warn_about_cut_prompts(
@@ -109,7 +110,7 @@ def sampling_device(trainer_cfg: DictConfig) -> DeviceSettings:
     Only the device keys are read: the rest of the group (epochs, logging cadence) belongs to
     training and may interpolate keys a sampling config does not have.
     """
-    trainer = {key: trainer_cfg[key] for key in ("device", "precision", "num_workers")}
+    trainer = {key: trainer_cfg[key] for key in ("device", "precision", "num_workers", "compile")}
     trainer["profiles"] = OmegaConf.to_container(trainer_cfg.profiles, resolve=True)
     try:
         return resolve_device(trainer)
@@ -126,13 +127,42 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return None
 
 
-def check_options(options: SamplingOptions, schedule: NoiseSchedule) -> None:
-    """Refuse options the checkpoint's schedule cannot run (e.g. steps > T), before any work."""
+def load_sampling_checkpoint(path: str | Path, weights: str = "ema") -> SamplingCheckpoint:
+    """The U-Net and what it was trained with (``ldm.exports.load_unet_for_sampling``), with a
+    message for the user when ``path`` is not a usable U-Net export or checkpoint."""
     try:
-        options.check(schedule.num_train_timesteps)
-        make_sampler(options.sampler, schedule, eta=options.eta)
-    except ValueError as error:
+        return load_unet_for_sampling(path, weights)
+    except (ValueError, FileNotFoundError) as error:
         raise SamplingError(str(error)) from None
+
+
+def load_matching_vae(checkpoint: SamplingCheckpoint, vae_export: str | Path | None = None) -> VAE:
+    """The VAE whose latents the U-Net was trained on, refusing any other by fingerprint.
+
+    A retrained or replaced VAE decodes the U-Net's latents into garbage without any error, so
+    its weights' SHA-256 must equal the one recorded at training time.
+    """
+    path = Path(vae_export) if vae_export is not None else checkpoint.vae_export
+    named_by = "vae_export=" if vae_export is not None else f"the checkpoint {checkpoint.source}"
+    try:
+        vae, metadata = load_vae_export(path)
+    except FileNotFoundError as error:
+        raise SamplingError(
+            f"The VAE export named by {named_by} cannot be found: {error} If it moved, pass "
+            f"vae_export=<its new directory> (its weights sha256 must be "
+            f"{checkpoint.vae_weights_sha256})."
+        ) from None
+    except ValueError as error:
+        raise SamplingError(f"Cannot load the VAE export {path}: {error}") from None
+    if metadata["weights_sha256"] != checkpoint.vae_weights_sha256:
+        raise SamplingError(
+            f"The VAE export {path} has weights sha256 {metadata['weights_sha256']}, but the U-Net "
+            f"in {checkpoint.source} was trained on latents of the VAE with sha256 "
+            f"{checkpoint.vae_weights_sha256}: the VAE was retrained or replaced since. Pass "
+            "vae_export= the VAE export the U-Net was trained with, or train the U-Net again on "
+            "this VAE (`python train_unet.py vae_export=...`)."
+        )
+    return vae
 
 
 def load_text_encoder(checkpoint: SamplingCheckpoint) -> FrozenTextEncoder:

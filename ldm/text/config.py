@@ -6,13 +6,13 @@ fingerprint produce the same hidden states for the same prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import open_clip
 
-from ldm.config_keys import refuse_unknown_keys
+from ldm.config.parse import dataclass_from_dict
 from ldm.exports import file_fingerprint
 
 # The project's own open_clip architectures (e.g. ``ldm-small-text``, the demo's random-init
@@ -52,10 +52,8 @@ class TextEncoderConfig:
             )
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> TextEncoderConfig:
-        """Build from the ``text_encoder`` node (a plain dict); unknown keys are refused."""
-        refuse_unknown_keys("text_encoder", raw, {f.name for f in fields(cls)})
-        return cls(**raw)
+    def from_dict(cls, values: dict[str, Any]) -> TextEncoderConfig:
+        return dataclass_from_dict(cls, values, "text_encoder")
 
     @property
     def is_random_init(self) -> bool:

@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -76,13 +77,9 @@ def _resolve_weights(config: TextEncoderConfig) -> Path | None:
         return config.existing_weights_file()
     if config.pretrained is None:
         return None
-    tag_config = open_clip.get_pretrained_cfg(config.model_name, config.pretrained)
-    if not tag_config:
-        raise ValueError(
-            f"text_encoder.pretrained={config.pretrained!r} is not an open_clip tag for "
-            f"{config.model_name}; known tags: "
-            f"{open_clip.list_pretrained_tags_by_model(config.model_name)}."
-        )
+    tag_config = pretrained_tag_config(
+        config.model_name, config.pretrained, setting="text_encoder.pretrained"
+    )
     _warn_on_activation_mismatch(config, tag_config)
     log.info(
         "Fetching %s weights for tag %r from the Hugging Face hub or its local cache (without "
@@ -103,6 +100,18 @@ def _resolve_weights(config: TextEncoderConfig) -> Path | None:
             "text_encoder.weights_file=/path/to/open_clip_pytorch_model.bin, or set "
             "text_encoder.pretrained=null for a random-init encoder (demo/tests only)."
         ) from None
+
+
+def pretrained_tag_config(model_name: str, tag: str, *, setting: str) -> dict[str, Any]:
+    """open_clip's config of pretrained weights ``tag`` for ``model_name``; a ValueError naming
+    the config ``setting`` and the model's known tags when there is no such tag."""
+    tag_config = open_clip.get_pretrained_cfg(model_name, tag)
+    if not tag_config:
+        raise ValueError(
+            f"{setting}={tag!r} is not an open_clip tag for {model_name}; known tags: "
+            f"{open_clip.list_pretrained_tags_by_model(model_name)}."
+        )
+    return tag_config
 
 
 def _warn_on_activation_mismatch(config: TextEncoderConfig, tag_config: dict) -> None:

@@ -1,4 +1,4 @@
-"""Generic callbacks: the module says *what* images to show (``log_images``), these say *when*."""
+"""Generic callbacks: the module says *what* to show or sample, these say *when*."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from ldm.pipeline import LatentDiffusionPipeline, SamplingOptions
 from ldm.training.step_metrics import logging_due
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,70 @@ class ImageLogger(Callback):
                     key="val/images", images=[grid], caption=[caption], step=trainer.global_step
                 )
         log.info("Saved image grid %s", path)
+
+
+class SampledCurves(Callback):
+    """A quality curve beside the loss: every ``every_n_steps`` optimizer steps, on global rank
+    zero, :meth:`measure_samples` judges samples of the EMA weights and the numbers are logged.
+    Subclasses say what they sample and measure.
+
+    ``pl_module`` must offer ``sampling_pipeline()``, ``ema.swapped_in(unet)``, ``unet`` and
+    ``empty_context`` (:class:`~ldm.training.diffusion_module.LatentDiffusionModule` does).
+    """
+
+    def __init__(self, *, every_n_steps: int, sampling: SamplingOptions, seed: int) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"evaluation.every_n_steps must be ≥ 1 or null, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.options = sampling
+        self.seed = seed
+        self._measured_step = 0  # once per optimizer step, whatever the gradient accumulation
+
+    @rank_zero_only
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._measured_step or trainer.sanity_checking:
+            return
+        self._measured_step = step
+        metrics = self.measure(pl_module)
+        # Lightning writes a step's metrics under the count of steps before it; so do we.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step - 1)
+        log.info("Step %d: %s", step, ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+
+    @torch.no_grad()
+    def measure(self, pl_module: L.LightningModule) -> dict[str, float]:
+        """This curve's numbers now, from samples of the EMA weights."""
+        pipeline = pl_module.sampling_pipeline()
+        with pl_module.ema.swapped_in(pl_module.unet):
+            return self.measure_samples(pipeline, pl_module)
+
+    def measure_samples(
+        self, pipeline: LatentDiffusionPipeline, pl_module: L.LightningModule
+    ) -> dict[str, float]:
+        """The numbers to log, sampling through ``pipeline`` (the EMA weights are in)."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        pipeline: LatentDiffusionPipeline,
+        pl_module: L.LightningModule,
+        contexts: Tensor,
+        first: int = 0,
+    ) -> Tensor:
+        """(B, 3, H, W) model-space images, one for each of ``contexts`` (B, L, D): sample i
+        from seed + ``first`` + i, the same seeds at every measurement."""
+        seeds = [self.seed + first + i for i in range(contexts.shape[0])]
+        return pipeline.generate_from_context(
+            contexts.to(pl_module.device), pl_module.empty_context, seeds, self.options
+        )
 
 
 class ThroughputLogger(Callback):

@@ -10,8 +10,9 @@ from torch import Tensor
 
 from ldm.data.batch_randomness import StepRandomness
 from ldm.diffusion import NoiseSchedule, ScheduleConfig, per_sample_loss
+from ldm.exports import CHECKPOINT_EXPORT_KEY, UNetExport
 from ldm.models.unet import UNet, UNetConfig
-from ldm.models.vae import VAE, count_parameters
+from ldm.models.vae import VAE
 from ldm.pipeline import LatentDiffusionPipeline, SamplingOptions
 from ldm.training.ema import EMA
 from ldm.training.fast_module import FastTrainingModule
@@ -89,6 +90,13 @@ class LatentDiffusionModule(FastTrainingModule):
         self.latent_scale = latent_scale
         self.seed = seed
         self.validation = validation
+        try:  # checked now, not at the first sample grid an epoch into training
+            self.sampling_options = SamplingOptions.checked(
+                num_train_timesteps=self.schedule.num_train_timesteps,
+                **validation.get("sampling", {}),
+            )
+        except ValueError as error:
+            raise ValueError(f"validation.sampling: {error}") from None
         context_dim = self.unet.config.context_dim
         # Text hidden states of the empty prompt: what dropped captions are replaced by.
         self.register_buffer("empty_context", torch.zeros(1, context_length, context_dim))
@@ -104,10 +112,6 @@ class LatentDiffusionModule(FastTrainingModule):
     @property
     def trained(self) -> torch.nn.Module:
         return self.unet
-
-    @property
-    def num_parameters(self) -> int:
-        return count_parameters(self.unet)
 
     def step_randomness(self, train: bool) -> StepRandomness:
         """What the loader draws with each batch: everything for training; for validation only
@@ -229,14 +233,35 @@ class LatentDiffusionModule(FastTrainingModule):
     @torch.no_grad()
     def log_images(self, batch: Any = None) -> dict[str, Tensor]:
         """Sample grids for the fixed prompts with the raw and the EMA weights."""
-        options = SamplingOptions(**self.validation["sampling"])
         seeds = [self.validation["seed"] + i for i in range(len(self.sample_prompts))]
         pipeline = self.sampling_pipeline()
-        uncond = self.empty_context
-        raw = pipeline.generate_from_context(self.sample_context, uncond, seeds, options)
+        context, uncond, options = self.sample_context, self.empty_context, self.sampling_options
+        raw = pipeline.generate_from_context(context, uncond, seeds, options)
         with self.ema.swapped_in(self.unet):
-            ema = pipeline.generate_from_context(self.sample_context, uncond, seeds, options)
+            ema = pipeline.generate_from_context(context, uncond, seeds, options)
         return {"samples_raw": raw, "samples_ema": ema}
+
+    def export(self) -> UNetExport:
+        """The U-Net export of the current raw and EMA weights, with everything sampling needs:
+        what the stage runner writes into ``export/`` and every checkpoint carries."""
+        hparams = self.hparams
+        description = {
+            "diffusion": hparams.diffusion,
+            "latent_scale": self.latent_scale,
+            "latent_shape": list(hparams.latent_shape),
+            "context_length": hparams.context_length,
+            **hparams.provenance,  # the VAE export and its fingerprint, text encoder, image size
+            "cond_dropout": self.cond_dropout,
+            "ema_steps": self.ema.steps_seen,
+            "seed": self.seed,
+        }
+        return UNetExport.from_models(raw=self.unet, ema=self.ema.module, description=description)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Carry the export, so a checkpoint samples like an export folder. Its state dicts
+        share their tensors with ``checkpoint["state_dict"]``, which torch.save stores once."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CHECKPOINT_EXPORT_KEY] = self.export().as_checkpoint_entry()
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(

@@ -11,15 +11,10 @@ within a run (or across runs with the same k), not a number to compare with ``ev
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -28,8 +23,7 @@ from ldm.evaluation.fid import FidSettings, add_images, build_fid, fid_value
 from ldm.evaluation.pixels import batched, eval_pixels_of_model_images, read_eval_pixels
 from ldm.evaluation.validation_data import validation_captions
 from ldm.pipeline import LatentDiffusionPipeline, SamplingOptions
-
-log = logging.getLogger(__name__)
+from ldm.training.callbacks import SampledCurves
 
 
 def fid_k_metric(k: int, settings: FidSettings) -> FrechetInceptionDistance:
@@ -57,13 +51,11 @@ def fid_k_reference(records: Sequence[CaptionedImage], k: int) -> tuple[list[Pat
     return [record.path for record in chosen], validation_captions(chosen, k)
 
 
-class FidCurves(Callback):
-    """Logs ``eval/fid_<k>`` every ``every_n_steps`` optimizer steps, on global rank zero.
+class FidCurves(SampledCurves):
+    """Logs ``eval/fid_<k>`` every ``every_n_steps`` optimizer steps.
 
     ``fid`` is a metric from :func:`fid_k_metric`; ``contexts`` (k, L, D) are the text hidden
-    states of the k prompts whose images are ``real_images``. ``pl_module`` must offer
-    ``sampling_pipeline()``, ``ema.swapped_in(unet)``, ``unet`` and ``empty_context``
-    (:class:`~ldm.training.diffusion_module.LatentDiffusionModule` does).
+    states of the k prompts whose images are ``real_images``.
     """
 
     def __init__(
@@ -73,13 +65,12 @@ class FidCurves(Callback):
         contexts: Tensor,
         *,
         every_n_steps: int,
-        sampling: dict[str, Any],
+        sampling: SamplingOptions,
         resolution_px: int,
         batch_size: int,
         seed: int = 0,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"evaluation.every_n_steps must be ≥ 1 or null, got {every_n_steps}")
+        super().__init__(every_n_steps=every_n_steps, sampling=sampling, seed=seed)
         if len(real_images) != contexts.shape[0]:
             raise ValueError(
                 f"FID-k needs one prompt per real image: got {contexts.shape[0]} prompts for "
@@ -89,34 +80,13 @@ class FidCurves(Callback):
         self.real_images = list(real_images)
         self.contexts = contexts
         self.k = len(self.real_images)
-        self.every_n_steps = every_n_steps
-        self.options = SamplingOptions(**sampling)
         self.resolution_px = resolution_px
         self.batch_size = batch_size
-        self.seed = seed
-        self._measured_step = 0  # once per optimizer step, whatever the gradient accumulation
 
-    @rank_zero_only
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps or step == self._measured_step or trainer.sanity_checking:
-            return
-        self._measured_step = step
-        metrics = self.measure(pl_module)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step - 1)
-        log.info("Step %d FID-%d: %.2f", step, self.k, metrics[f"eval/fid_{self.k}"])
-
-    @torch.no_grad()
-    def measure(self, pl_module: L.LightningModule) -> dict[str, float]:
-        """The FID between k samples of the fixed prompts (EMA weights) and the k real images."""
+    def measure_samples(
+        self, pipeline: LatentDiffusionPipeline, pl_module: L.LightningModule
+    ) -> dict[str, float]:
+        """The FID between k samples of the fixed prompts and the k real images."""
         fid = self.fid.to(pl_module.device)
         if int(fid.real_features_num_samples) == 0:  # first measurement: the real side, once
             real = (
@@ -125,20 +95,14 @@ class FidCurves(Callback):
             )
             add_images(fid, real, real=True)
         fid.reset()  # the generated side only: the real features are kept
-        pipeline = pl_module.sampling_pipeline()
-        with pl_module.ema.swapped_in(pl_module.unet):
-            add_images(fid, self._samples(pipeline, pl_module), real=False)
+        add_images(fid, self._samples(pipeline, pl_module), real=False)
         return {f"eval/fid_{self.k}": fid_value(fid)}
 
     def _samples(
         self, pipeline: LatentDiffusionPipeline, pl_module: L.LightningModule
     ) -> Iterator[Tensor]:
-        """Sample i of the k, always from seed + i: (B, 3, R, R) uint8 batches."""
+        """The k samples in (B, 3, R, R) uint8 batches of evaluation pixels."""
         for chunk in batched(range(self.k), self.batch_size):
-            images = pipeline.generate_from_context(
-                self.contexts[chunk.start : chunk.stop].to(pl_module.device),
-                pl_module.empty_context,
-                [self.seed + i for i in chunk],
-                self.options,
-            )
+            contexts = self.contexts[chunk.start : chunk.stop]
+            images = self.sample(pipeline, pl_module, contexts, first=chunk.start)
             yield eval_pixels_of_model_images(images.float(), self.resolution_px)

@@ -27,22 +27,22 @@ def build_logger(
 ) -> Logger | None:
     """The logger of ``conf/logger``. A W&B logger resuming ``resume_from`` continues the W&B run
     that checkpoint records (``logger.id`` chooses another)."""
-    kind = logger_cfg.get("kind")
+    kind = logger_cfg["kind"]
     if kind == "none":
         return None
     if kind == "csv":
         return CSVLogger(save_dir=str(run_dir), name="csv", version="")
     if kind == "wandb":
-        run_id = logger_cfg.get("id")
+        run_id = logger_cfg["id"]
         if run_id is None and resume_from is not None:
             run_id = wandb_run_id_in(resume_from)
             if run_id is not None:
                 log.info("Continuing W&B run %s, recorded in %s", run_id, resume_from)
         return WandbLogger(
-            project=logger_cfg.get("project") or "ldm-coco",
-            entity=logger_cfg.get("entity"),
-            name=logger_cfg.get("name") or f"{run_dir.parent.name}/{run_dir.name}",
-            tags=list(logger_cfg.get("tags") or []),
+            project=logger_cfg["project"],
+            entity=logger_cfg["entity"],
+            name=logger_cfg["name"] or f"{run_dir.parent.name}/{run_dir.name}",
+            tags=list(logger_cfg["tags"]),
             save_dir=str(run_dir),
             offline=wandb_offline_requested(logger_cfg),
             id=run_id,  # continue an earlier W&B run (when resuming)

@@ -39,10 +39,10 @@ def build_optimizer(
     (the CUDA profile's ``fused_optimizer``) updates every parameter in one kernel per step
     instead of a launch per parameter tensor.
     """
-    schedule = optim.get("lr_schedule", "constant")
+    schedule = optim["lr_schedule"]
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"optim.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-    warmup = int(optim.get("lr_warmup_steps", 0))
+    warmup = optim["lr_warmup_steps"]
     if warmup < 0:
         raise ValueError(f"optim.lr_warmup_steps must be ≥ 0, got {warmup}")
     optimizer = torch.optim.AdamW(
@@ -52,7 +52,7 @@ def build_optimizer(
         weight_decay=optim["weight_decay"],
         fused=fused or None,
     )
-    min_lr = optim["lr"] * optim.get("min_lr_ratio", 0.0)
+    min_lr = optim["lr"] * optim["min_lr_ratio"]
     warmup = min(warmup, max(0, total_steps - 1))
     main = _after_warmup(optimizer, schedule, total_steps - warmup, min_lr)
     if warmup:

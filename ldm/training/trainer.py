@@ -66,9 +66,9 @@ def training_plan(trainer: L.Trainer, optim: dict[str, Any]) -> dict[str, Any]:
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "global_batch_size": per_process * trainer.world_size * trainer.accumulate_grad_batches,
         "optimizer_steps": int(trainer.estimated_stepping_batches),
-        "lr": optim.get("lr"),
-        "lr_warmup_steps": optim.get("lr_warmup_steps", 0),
-        "lr_schedule": optim.get("lr_schedule", "constant"),
+        "lr": optim["lr"],
+        "lr_warmup_steps": optim["lr_warmup_steps"],
+        "lr_schedule": optim["lr_schedule"],
     }
 
 
@@ -78,7 +78,7 @@ class TrainingPlanReport(Callback):
 
     @rank_zero_only
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        plan = training_plan(trainer, dict(pl_module.hparams.get("optim", {})))
+        plan = training_plan(trainer, dict(pl_module.hparams["optim"]))
         log.info(
             "Global batch %d = %d per process × %d process(es) × %d micro-batch(es) per optimizer "
             "step; %s optimizer steps; LR %s: %d warmup steps, then %s",
@@ -107,7 +107,7 @@ def build_trainer(
     optional = {
         key: trainer_cfg[key]
         for key in ("limit_train_batches", "limit_val_batches")
-        if trainer_cfg.get(key) is not None
+        if trainer_cfg[key] is not None
     }
     if isinstance(logger, WandbLogger):  # resuming a checkpoint continues its W&B run
         callbacks = [*callbacks, RecordWandbRunId(logger)]
@@ -125,7 +125,7 @@ def build_trainer(
         check_val_every_n_epoch=trainer_cfg["check_val_every_n_epoch"],
         fast_dev_run=trainer_cfg["fast_dev_run"],
         deterministic=trainer_cfg["deterministic"],
-        # The data modules shard both loaders themselves (ldm.data.sampler); Lightning's
+        # The data modules shard both loaders themselves (ldm.data.resumable_loader); Lightning's
         # injection would wrap and re-shard the ResumableSampler.
         use_distributed_sampler=False,
         default_root_dir=str(run_dir),

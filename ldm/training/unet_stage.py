@@ -3,53 +3,53 @@
 from __future__ import annotations
 
 import logging
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ldm.caches.datamodule import LatentDataModule
+from ldm.config import plain
 from ldm.data.config import DataConfig
 from ldm.evaluation.adherence import prompt_sets
 from ldm.evaluation.fid import FidSettings
 from ldm.evaluation.validation_data import load_validation_set
 from ldm.exports import load_vae_export, save_unet_export
-from ldm.runs import point_latest_at, resolve_checkpoint, start_run
+from ldm.models.vae import VAE
+from ldm.pipeline import SamplingOptions
+from ldm.runs import RunContext
 from ldm.text import FrozenTextEncoder, TextEncoderConfig
 from ldm.training.adherence_curves import AdherenceCurves
-from ldm.training.callbacks import ImageLogger, ThroughputLogger
-from ldm.training.checkpointing import checkpoint_callbacks
+from ldm.training.callbacks import ImageLogger
 from ldm.training.diffusion_module import LatentDiffusionModule
 from ldm.training.fid_curves import FidCurves, fid_k_metric, fid_k_reference
-from ldm.training.loggers import (
-    build_logger,
-    close_logger,
-    closed_on_failure,
-    log_final_metrics,
-)
-from ldm.training.trainer import build_trainer, launch_processes, prepare_data_once
+from ldm.training.stage import Fitted, Stage, StageParts, StageResult, run_stage, standard_callbacks
+from ldm.training.trainer import launch_processes, prepare_data_once
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class UNetStageResult:
-    run_dir: Path
-    export_dir: Path | None
-    final_metrics: dict[str, float]
+def run_unet_stage(cfg: DictConfig, run_dir: Path | None = None) -> StageResult:
+    """Train the U-Net on the cached latents of ``cfg.vae_export`` and export it."""
+    stage = Stage(
+        title="U-Net",
+        build=_build,
+        callbacks=_callbacks,
+        export=_export,
+        result_type=StageResult,
+    )
+    return run_stage(cfg, stage, run_dir)
 
 
-def _container(node: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-
-
-def _batch_size(batch: dict[str, Any]) -> int:
-    return int(batch["index"].shape[0])
+def load_fitting_vae(cfg: DictConfig) -> tuple[VAE, dict[str, Any]]:
+    """The frozen VAE of ``cfg.vae_export`` and its metadata, refused before any work when its
+    latents or image size do not fit this run."""
+    vae, vae_metadata = load_vae_export(Path(cfg.vae_export))
+    check_inputs_fit(cfg, vae_metadata)
+    return vae, vae_metadata
 
 
 def check_inputs_fit(cfg: DictConfig, vae_metadata: dict[str, Any]) -> None:
@@ -79,24 +79,92 @@ def check_inputs_fit(cfg: DictConfig, vae_metadata: dict[str, Any]) -> None:
         )
 
 
-def _callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool) -> tuple[list, ModelCheckpoint]:
-    checkpoints, best = checkpoint_callbacks(
-        run_dir / "checkpoints",
-        monitor="val/loss",
-        every_n_steps=cfg.trainer.checkpoint_every_n_steps,
+def open_caches(cfg: DictConfig, run: RunContext) -> LatentDataModule:
+    """The caches of ``cfg.vae_export``, built where missing or stale (by one process while the
+    others of a DDP run wait) and opened in every process: what ``python -m ldm.caches`` does
+    without the training around it."""
+    processes = launch_processes(plain(cfg.trainer), run.device)  # all of a DDP run
+    datamodule = LatentDataModule.from_config(
+        cfg.data,
+        cfg.cache,
+        cfg.text_encoder,
+        run.device.loader,
+        seed=run.seed,
+        cache_dir=Path(cfg.paths.cache_dir),
+        vae_export=Path(cfg.vae_export),
+        encode_device=processes.device,  # this process's own GPU, if it encodes at all
     )
-    callbacks: list = [
-        *checkpoints,
-        ImageLogger(
-            len(cfg.validation.prompts),
-            run_dir / "images",
-            every_n_epochs=cfg.validation.sample_every_n_epochs,
-        ),
+    datamodule.prepare_data_per_node = cfg.trainer.prepare_data_per_node
+    prepare_data_once(processes, datamodule)  # built once; then every process opens them
+    datamodule.setup("fit")
+    return datamodule
+
+
+def _build(cfg: DictConfig, run: RunContext) -> StageParts:
+    vae, vae_metadata = load_fitting_vae(cfg)
+    fid = _fid_metric(cfg)  # Inception loaded now: without its weights, stop before any caching
+    datamodule = open_caches(cfg, run)
+    num_positions = datamodule.text_num_positions
+    text_encoder = FrozenTextEncoder(TextEncoderConfig.from_dict(plain(cfg.text_encoder)))
+    prompts = list(cfg.validation.prompts)
+    sample_context = text_encoder.encode_hidden_states(prompts, num_positions)
+    curves = [
+        _adherence_curves(cfg, text_encoder, num_positions),
+        _fid_curves(cfg, fid, text_encoder, num_positions, run.seed),
     ]
-    if with_logger:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks.append(ThroughputLogger(batch_size_fn=_batch_size))
-    return callbacks, best
+    del text_encoder  # ~250 MB we no longer need: training reads the caption cache
+
+    # Building the caches may or may not have drawn random numbers: re-seed so that the initial
+    # weights depend on the seed alone.
+    torch.manual_seed(run.seed)
+    module = LatentDiffusionModule(
+        unet=plain(cfg.model.unet),
+        diffusion=plain(cfg.diffusion),
+        optim=plain(cfg.optim),
+        ema=plain(cfg.ema),
+        cond_dropout=cfg.cond_dropout,
+        latent_scale=datamodule.scale_factor,
+        latent_shape=list(datamodule.latents["train"].latent_shape),
+        context_length=num_positions,
+        validation=plain(cfg.validation),
+        seed=run.seed,
+        compile_mode=run.device.compile_mode,
+        fused_optimizer=run.device.fused_optimizer,
+        max_consecutive_nonfinite=cfg.trainer.max_consecutive_nonfinite,
+        provenance={
+            "vae_export": str(Path(cfg.vae_export).resolve()),
+            "vae_weights_sha256": vae_metadata["weights_sha256"],
+            "text_encoder": plain(cfg.text_encoder),
+            "image_size": cfg.data.image_size,
+        },
+    )
+    datamodule.train_randomness = module.step_randomness(train=True)
+    datamodule.val_randomness = module.step_randomness(train=False)
+    module.attach_frozen_inputs(
+        empty_context=datamodule.empty_prompt_hidden_states(),
+        vae=vae,
+        sample_prompts=prompts,
+        sample_context=sample_context,
+    )
+    return StageParts(datamodule, module, [curve for curve in curves if curve is not None])
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    return int(batch["index"].shape[0])
+
+
+def _callbacks(
+    cfg: DictConfig, run_dir: Path, with_logger: bool
+) -> tuple[list[Callback], ModelCheckpoint]:
+    callbacks, best = standard_callbacks(
+        cfg, run_dir, monitor="val/loss", batch_size=_batch_size, with_logger=with_logger
+    )
+    images = ImageLogger(
+        len(cfg.validation.prompts),
+        run_dir / "images",
+        every_n_epochs=cfg.validation.sample_every_n_epochs,
+    )
+    return [*callbacks, images], best
 
 
 def _adherence_curves(
@@ -125,10 +193,20 @@ def _adherence_curves(
         prompts,
         contexts,
         every_n_steps=every,
-        sampling=_container(cfg.evaluation.sampling),
+        sampling=_evaluation_sampling(cfg),
         images_per_prompt=cfg.evaluation.images_per_prompt,
         seed=cfg.evaluation.seed,
     )
+
+
+def _evaluation_sampling(cfg: DictConfig) -> SamplingOptions:
+    """``evaluation.sampling``, checked before training rather than at the first measurement."""
+    try:
+        return SamplingOptions.checked(
+            num_train_timesteps=cfg.diffusion.num_train_timesteps, **plain(cfg.evaluation.sampling)
+        )
+    except ValueError as error:
+        raise ValueError(f"evaluation.sampling: {error}") from None
 
 
 def _fid_metric(cfg: DictConfig) -> FrechetInceptionDistance | None:
@@ -157,7 +235,7 @@ def _fid_curves(
     ``seed`` is the run's: it picks the validation images of a source without a val split."""
     if fid is None:
         return None
-    data = DataConfig.from_dict(_container(cfg.data))
+    data = DataConfig.from_dict(plain(cfg.data))
     validation = load_validation_set(data, seed=seed, cache_dir=Path(cfg.paths.cache_dir))
     real_images, captions = fid_k_reference(validation.records, cfg.evaluation.fid_k)
     return FidCurves(
@@ -165,120 +243,16 @@ def _fid_curves(
         real_images,
         text_encoder.encode_hidden_states(captions, num_positions),
         every_n_steps=cfg.evaluation.every_n_steps,
-        sampling=_container(cfg.evaluation.sampling),
+        sampling=_evaluation_sampling(cfg),
         resolution_px=cfg.data.image_size,
         batch_size=cfg.data.batch_size,
         seed=cfg.evaluation.seed,
     )
 
 
-def _export(
-    cfg: DictConfig, module: LatentDiffusionModule, vae_export: Path, vae_sha256: str, run_dir: Path
-) -> Path:
-    description = {
-        "diffusion": _container(cfg.diffusion),
-        "text_encoder": _container(cfg.text_encoder),
-        "latent_scale": module.latent_scale,
-        "latent_shape": list(module.hparams.latent_shape),
-        "context_length": module.hparams.context_length,
-        "image_size": cfg.data.image_size,
-        "vae_export": str(vae_export.resolve()),
-        "vae_weights_sha256": vae_sha256,
-        "cond_dropout": cfg.cond_dropout,
-        "ema_steps": module.ema.steps_seen,
-        "seed": cfg.seed,
-    }
-    return save_unet_export(
-        run_dir / "export", raw=module.unet, ema=module.ema.module, description=description
-    )
-
-
-def run_unet_stage(cfg: DictConfig, run_dir: Path | None = None) -> UNetStageResult:
-    """Train the U-Net on the cached latents of ``cfg.vae_export`` and export it."""
-    context = start_run(cfg, run_dir)
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.runs_dir) / cfg.stage)
-    vae_export = Path(cfg.vae_export)
-    vae, vae_metadata = load_vae_export(vae_export)
-    check_inputs_fit(cfg, vae_metadata)
-    fid = _fid_metric(cfg)  # Inception loaded now: without its weights, stop before any caching
-    processes = launch_processes(_container(cfg.trainer), context.device)  # all of a DDP run
-    datamodule = LatentDataModule.from_config(
-        cfg.data,
-        cfg.cache,
-        cfg.text_encoder,
-        context.device.loader,
-        seed=context.seed,
-        cache_dir=Path(cfg.paths.cache_dir),
-        vae_export=vae_export,
-        encode_device=processes.device,  # this process's own GPU, if it encodes at all
-    )
-    datamodule.prepare_data_per_node = cfg.trainer.prepare_data_per_node
-    prepare_data_once(processes, datamodule)  # built once; then every process opens them
-    datamodule.setup("fit")
-    latent_shape = list(datamodule.latents["train"].latent_shape)
-    text_encoder = FrozenTextEncoder(TextEncoderConfig.from_dict(_container(cfg.text_encoder)))
-    prompts = list(cfg.validation.prompts)
-    sample_context = text_encoder.encode_hidden_states(prompts, datamodule.text_num_positions)
-    adherence = _adherence_curves(cfg, text_encoder, datamodule.text_num_positions)
-    fid_curves = _fid_curves(cfg, fid, text_encoder, datamodule.text_num_positions, context.seed)
-    del text_encoder  # ~250 MB we no longer need: training reads the caption cache
-
-    # Building the caches may or may not have drawn random numbers: re-seed so that the initial
-    # weights depend on the seed alone.
-    torch.manual_seed(context.seed)
-    module = LatentDiffusionModule(
-        unet=_container(cfg.model.unet),
-        diffusion=_container(cfg.diffusion),
-        optim=_container(cfg.optim),
-        ema=_container(cfg.ema),
-        cond_dropout=cfg.cond_dropout,
-        latent_scale=datamodule.scale_factor,
-        latent_shape=latent_shape,
-        context_length=datamodule.text_num_positions,
-        validation=_container(cfg.validation),
-        seed=context.seed,
-        compile_mode=context.device.compile_mode,
-        fused_optimizer=context.device.fused_optimizer,
-        max_consecutive_nonfinite=cfg.trainer.max_consecutive_nonfinite,
-        provenance={
-            "vae_export": str(vae_export.resolve()),
-            "vae_weights_sha256": vae_metadata["weights_sha256"],
-            "text_encoder": _container(cfg.text_encoder),
-            "image_size": cfg.data.image_size,
-        },
-    )
-    datamodule.train_randomness = module.step_randomness(train=True)
-    datamodule.val_randomness = module.step_randomness(train=False)
-    module.attach_frozen_inputs(
-        empty_context=datamodule.empty_prompt_hidden_states(),
-        vae=vae,
-        sample_prompts=prompts,
-        sample_context=sample_context,
-    )
-    log.info("U-Net parameters: %s", f"{module.num_parameters:,}")
-    logger = build_logger(_container(cfg.logger), context.run_dir, resume_from=ckpt_path)
-    if logger is not None:
-        logger.log_hyperparams({"unet_parameters": module.num_parameters})
-    callbacks, _ = _callbacks(cfg, context.run_dir, with_logger=logger is not None)
-    callbacks += [curves for curves in (adherence, fid_curves) if curves is not None]
-    trainer = build_trainer(
-        _container(cfg.trainer),
-        context.device,
-        run_dir=context.run_dir,
-        logger=logger,
-        callbacks=callbacks,
-    )
-    with warnings.catch_warnings(), closed_on_failure(logger):
-        # The EMA copy stays in eval mode on purpose; Lightning would warn about it.
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    final = log_final_metrics(trainer, prefix="val/")
-    export_dir = None
-    if not trainer.fast_dev_run and trainer.is_global_zero:
-        export_dir = _export(
-            cfg, module, vae_export, vae_metadata["weights_sha256"], context.run_dir
-        )
-        log.info("U-Net export (raw and EMA weights): %s", export_dir)
-        point_latest_at(context.run_dir)
-    close_logger(logger)
-    return UNetStageResult(context.run_dir, export_dir, final)
+def _export(fitted: Fitted) -> StageResult:
+    """The raw and EMA weights, with what sampling needs to rebuild the pipeline around them."""
+    run_dir = fitted.run.run_dir
+    export_dir = save_unet_export(run_dir / "export", fitted.parts.module.export())
+    log.info("U-Net export (raw and EMA weights): %s", export_dir)
+    return StageResult(run_dir, fitted.final_metrics, export_dir)

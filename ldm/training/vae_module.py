@@ -10,7 +10,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.data.batch_randomness import StepRandomness
 from ldm.data.transforms import to_model_range
-from ldm.models.vae import VAE, VAEConfig, count_parameters, vae_loss
+from ldm.models.vae import VAE, VAEConfig, vae_loss
 from ldm.training.fast_module import FastTrainingModule
 from ldm.training.optim import build_optimizer
 from ldm.training.step_metrics import logging_due_after_this_step
@@ -60,10 +60,6 @@ class VAEModule(FastTrainingModule):
     @property
     def trained(self) -> torch.nn.Module:
         return self.vae
-
-    @property
-    def num_parameters(self) -> int:
-        return count_parameters(self.vae)
 
     def step_randomness(self, image_size_px: int) -> StepRandomness:
         """The posterior sample's ε, drawn by the training loader with each batch."""
