@@ -143,10 +143,10 @@ def request_from_config(cfg: DictConfig) -> EvaluationRequest:
         captions_file=captions_file,
         num_real_images=num_real,
         resolution_px=_optional(cfg.resolution, _resolution),
-        seed=_int("seed", cfg.seed),
+        seed=cfg.seed,
         batch_size=_positive_int("batch_size", cfg.batch_size),
         fid=FidSettings(
-            feature_dim=_int("fid.feature_dim", cfg.fid.feature_dim),
+            feature_dim=cfg.fid.feature_dim,
             weights_file=_optional(cfg.fid.weights_file, Path),
         ),
         clip_score=ClipScoreSettings(
@@ -204,13 +204,8 @@ def _resolution(value: Any) -> int:
     return pixels
 
 
-def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise EvaluationError(f"{name} must be an integer, got {value!r}.")
-    return value
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if _int(name, value) < 1:
+def _positive_int(name: str, value: int) -> int:
+    """Counts must be ≥ 1; that they are integers, the config schema has checked."""
+    if value < 1:
         raise EvaluationError(f"{name} must be at least 1, got {value}.")
     return value

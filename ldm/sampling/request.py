@@ -87,7 +87,7 @@ def request_from_config(cfg: DictConfig, num_train_timesteps: int) -> SampleRequ
         negative_prompt=str(cfg.negative_prompt or ""),
         images_per_prompt=_positive_int("n", cfg.n),
         batch_size=_positive_int("batch_size", cfg.batch_size),
-        seed=_int("seed", cfg.seed),
+        seed=cfg.seed,
         options=options,
         init_image_path=init_path,
         init_image=None if init_path is None else read_init_image(init_path),
@@ -143,13 +143,8 @@ def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return str(value)
 
 
-def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SamplingError(f"{name} must be an integer, got {value!r}.")
-    return value
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if _int(name, value) < 1:
+def _positive_int(name: str, value: int) -> int:
+    """Counts must be ≥ 1; that they are integers, the config schema has checked."""
+    if value < 1:
         raise SamplingError(f"{name} must be at least 1, got {value}.")
     return value
