@@ -30,6 +30,7 @@ from report import (
 
 import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.diffusion import NoiseSchedule, ScheduleConfig
+from ldm.latent_norm import LatentNormalizer
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE, VAEConfig, count_parameters
 from ldm.pipeline import COMPILE_MODES, LatentDiffusionPipeline, SamplingOptions
@@ -62,7 +63,7 @@ def build_pipeline(
         vae=VAE(vae_config).eval(),
         text_encoder=text_encoder,
         schedule=NoiseSchedule(ScheduleConfig(**OmegaConf.to_container(cfg.diffusion))),
-        latent_scale=1.0,
+        latent_normalizer=LatentNormalizer.global_scale(1.0),
         latent_shape=(vae_config.latent_channels, latent_side, latent_side),
         context_length=int(cfg.cache.text_max_positions),
         device=device.torch_device,

@@ -2,8 +2,8 @@
 
 The exports are what stage 2 and sampling depend on, so they must load without unpickling
 (no code runs on load), carry everything needed to rebuild the model, and never be left
-half-written. Model classes come from this module's own code by ``model_type`` — never from a
-class name stored in a file.
+half-written. Model classes come from this module's own code by ``model_type`` (and, in a U-Net
+export, ``denoiser``: ``unet`` or ``dit``) — never from a class name stored in a file.
 
 A U-Net export exists in memory too (``UNetExport``): the training module builds it, the stage
 runner writes it as files and every Lightning checkpoint carries it under ``"export"``. So a
@@ -28,8 +28,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ldm.latent_norm import LatentNormalizer
 from ldm.latent_stats import LATENT_STAT_KEYS
-from ldm.models.unet import UNet, UNetConfig
+from ldm.models.denoiser import DEFAULT_DENOISER, Denoiser, build_denoiser, denoiser_name
 from ldm.models.vae import VAE, VAEConfig
 
 FORMAT_VERSION = 1
@@ -45,7 +46,7 @@ CHECKPOINT_EXPORT_KEY = "export"  # where a Lightning checkpoint carries its UNe
 RECORDED_KEYS = (
     "diffusion",
     "text_encoder",
-    "latent_scale",
+    "latent_norm",  # LatentNormalizer.describe(); older exports: latent_scale
     "latent_shape",
     "context_length",
     "image_size",
@@ -193,10 +194,13 @@ class UNetExport:
     weights: dict[str, dict[str, Tensor]]  # "raw" | "ema" → U-Net state dict
 
     @classmethod
-    def from_models(cls, *, raw: UNet, ema: UNet, description: dict[str, Any]) -> UNetExport:
-        """The export of a trained U-Net: its raw and EMA weights and ``description``.
+    def from_models(
+        cls, *, raw: Denoiser, ema: Denoiser, description: dict[str, Any]
+    ) -> UNetExport:
+        """The export of a trained denoiser (U-Net or DiT, recorded as ``denoiser``): its raw
+        and EMA weights and ``description``.
 
-        ``description`` carries the diffusion schedule, text-encoder config, latent scale and
+        ``description`` carries the diffusion schedule, text-encoder config, latent norm and
         shape, context length and the VAE export it was trained on (path and weights
         fingerprint), so the export is all ``sample.py`` needs. The state dicts share their
         tensors with the models.
@@ -204,6 +208,7 @@ class UNetExport:
         metadata = {
             "format_version": FORMAT_VERSION,
             "model_type": UNET_MODEL_TYPE,
+            "denoiser": denoiser_name(raw),
             "model_config": raw.config.to_dict(),
             **description,
         }
@@ -243,7 +248,7 @@ def load_unet_export(
     directory_or_json_path: str | os.PathLike[str],
     weights: str = "ema",
     map_location: str | torch.device = "cpu",
-) -> tuple[UNet, dict[str, Any]]:
+) -> tuple[Denoiser, dict[str, Any]]:
     """Rebuild the U-Net with its ``ema`` (default) or ``raw`` weights; eval mode, no pickle."""
     _check_weight_choice(weights)
     metadata_path = _unet_metadata_path(Path(directory_or_json_path))
@@ -258,10 +263,12 @@ def load_unet_export(
 
 def unet_from_export(
     metadata: dict[str, Any], state_dict: dict[str, Tensor], *, source: str | Path
-) -> UNet:
-    """The U-Net ``metadata`` describes holding ``state_dict`` (its raw or EMA weights), in eval
-    mode: the one way a U-Net is rebuilt, from an export folder or from a checkpoint."""
-    unet = UNet(UNetConfig.from_dict(metadata["model_config"]))
+) -> Denoiser:
+    """The denoiser ``metadata`` describes holding ``state_dict`` (its raw or EMA weights), in
+    eval mode: the one way a U-Net or DiT is rebuilt, from an export folder or a checkpoint.
+    Exports from before the DiT record no ``denoiser``: they hold a U-Net."""
+    name = metadata.get("denoiser", DEFAULT_DENOISER)
+    unet = build_denoiser(name, metadata["model_config"])
     return _with_weights(unet, state_dict, source, UNET_MODEL_TYPE)
 
 
@@ -294,10 +301,10 @@ class SamplingCheckpoint:
     source: Path  # the export directory or the .ckpt file that was read
     weights: str  # "ema" | "raw"
     fingerprint: str  # sha256 of the U-Net weights file (export) or of the .ckpt file
-    unet: UNet
+    unet: Denoiser
     diffusion: dict[str, Any]  # ldm.diffusion.ScheduleConfig fields
     text_encoder: dict[str, Any]  # ldm.text.TextEncoderConfig fields
-    latent_scale: float
+    latent_normalizer: LatentNormalizer  # VAE latents ↔ the U-Net's, as in training
     latent_shape: tuple[int, int, int]
     context_length: int
     image_size: int
@@ -321,6 +328,7 @@ def load_unet_for_sampling(path: str | Path, weights: str = "ema") -> SamplingCh
         except (ValueError, FileNotFoundError) as error:
             raise type(error)(f"Cannot load the U-Net export {location}: {error}") from None
         fingerprint = metadata["weights_sha256"][weights]
+    metadata = _with_latent_norm(metadata)
     missing = [key for key in RECORDED_KEYS if key not in metadata]
     if missing:
         raise ValueError(
@@ -335,13 +343,34 @@ def load_unet_for_sampling(path: str | Path, weights: str = "ema") -> SamplingCh
         unet=unet,
         diffusion=dict(metadata["diffusion"]),
         text_encoder=dict(metadata["text_encoder"]),
-        latent_scale=float(metadata["latent_scale"]),
+        latent_normalizer=_latent_normalizer(metadata, location),
         latent_shape=tuple(metadata["latent_shape"]),
         context_length=int(metadata["context_length"]),
         image_size=int(metadata["image_size"]),
         vae_export=Path(metadata["vae_export"]),
         vae_weights_sha256=str(metadata["vae_weights_sha256"]),
     )
+
+
+def _with_latent_norm(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``metadata`` with its ``latent_norm``: exports from before ``latent_norm`` existed record
+    only the float ``latent_scale``, which is the ``global`` kind."""
+    if "latent_norm" in metadata or "latent_scale" not in metadata:
+        return metadata
+    return {**metadata, "latent_norm": {"kind": "global", "scale_factor": metadata["latent_scale"]}}
+
+
+def _latent_normalizer(metadata: dict[str, Any], location: Path) -> LatentNormalizer:
+    """The recorded normalisation, checked against the recorded latent shape."""
+    try:
+        return LatentNormalizer(
+            metadata["latent_norm"], latent_channels=int(metadata["latent_shape"][0])
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"{location} records a latent_norm that cannot be used: {error} Train or export the "
+            "U-Net again."
+        ) from None
 
 
 def locate_unet(path: Path) -> Path:

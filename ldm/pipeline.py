@@ -1,7 +1,7 @@
 """Prompt → image: the one sampling path used by validation grids and by ``sample.py``.
 
 encode prompt ─► sampler loop with classifier-free guidance (``ldm.diffusion.sample``) ─►
-divide by the latent scale ─► VAE decode. Every image gets its own seeded generator, so an
+undo the latent normalisation ─► VAE decode. Every image gets its own seeded generator, so an
 image depends only on its prompt, its seed and the sampling options — not on its batch.
 """
 
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion import SAMPLERS, NoiseSchedule, sample
+from ldm.diffusion import SAMPLERS, SAMPLERS_BY_OBJECTIVE, Schedule, ScheduleConfig, sample
+from ldm.latent_norm import LatentNormalizer
 from ldm.models.vae import VAE
 
 # torch.compile modes for the U-Net forward of the sampling loop; "none" runs it eagerly (the
@@ -24,6 +25,7 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 DEFAULT_IMG2IMG_STRENGTH = 0.75  # keeps the layout of the init image, redraws its details
+DEFAULT_SAMPLERS = {"ddpm": "ddim", "flow_matching": "euler"}  # where no sampler is named
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ class SamplingOptions:
     def checked(
         cls,
         *,
-        num_train_timesteps: int,
-        sampler: Any = "ddim",
+        diffusion: ScheduleConfig,
+        sampler: Any = None,
         steps: Any = 50,
         cfg_scale: Any = 7.5,
         eta: Any = 0.0,
@@ -50,16 +52,18 @@ class SamplingOptions:
         image_to_image: bool = False,
     ) -> SamplingOptions:
         """The one check of sampling options, where they enter: sample.py and evaluate.py once
-        the checkpoint tells T, training when its module is built. Raises ValueError naming the
-        value and the fix. ``strength`` applies to image-to-image only (None: the default)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(
-                f"sampler={sampler!r} is not supported; choose one of {', '.join(SAMPLERS)}."
-            )
+        the checkpoint tells its diffusion config (objective and T), training when its module
+        is built. Raises ValueError naming the value and the fix. ``sampler`` None is the
+        objective's default; ``strength`` applies to image-to-image only (None: the default)."""
+        if sampler is None:
+            sampler = DEFAULT_SAMPLERS[diffusion.objective]
+        _check_sampler(sampler, diffusion.objective)
         steps = _integer("steps", steps)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}.")
-        if steps > num_train_timesteps:
+        # A ddpm model knows T timesteps; flow matching's σ is continuous, any count works.
+        num_train_timesteps = diffusion.num_train_timesteps
+        if diffusion.objective == "ddpm" and steps > num_train_timesteps:
             raise ValueError(
                 f"steps={steps} is outside 1..{num_train_timesteps}: the model was trained "
                 f"with T={num_train_timesteps} noise levels, so at most {num_train_timesteps} "
@@ -82,6 +86,21 @@ class SamplingOptions:
                 f"eta={eta} is outside [0, 1]: 0 gives deterministic DDIM, 1 the DDPM noise level."
             )
         return cls(sampler, steps, cfg_scale, eta, _strength(strength, image_to_image))
+
+
+def _check_sampler(sampler: Any, objective: str) -> None:
+    valid = SAMPLERS_BY_OBJECTIVE[objective]
+    if sampler in valid:
+        return
+    if sampler in SAMPLERS:
+        raise ValueError(
+            f"sampler={sampler!r} does not fit this model, trained with diffusion.objective="
+            f"{objective}; its samplers are {' | '.join(valid)}."
+        )
+    raise ValueError(
+        f"sampler={sampler!r} is not supported; for diffusion.objective={objective} choose one "
+        f"of {' | '.join(valid)}."
+    )
 
 
 def _strength(value: Any, image_to_image: bool) -> float:
@@ -135,8 +154,8 @@ class LatentDiffusionPipeline:
         unet: nn.Module,
         vae: VAE,
         text_encoder: TextEncoderLike | None,
-        schedule: NoiseSchedule,
-        latent_scale: float,
+        schedule: Schedule,
+        latent_normalizer: LatentNormalizer,
         latent_shape: tuple[int, int, int],
         context_length: int,
         device: torch.device | str = "cpu",
@@ -156,7 +175,7 @@ class LatentDiffusionPipeline:
         self.fixed_batch_size = fixed_batch_size
         self.device = torch.device(device)
         self.schedule = schedule.to(device=self.device)
-        self.latent_scale = latent_scale
+        self.latent_normalizer = latent_normalizer.to(self.device)  # never offloaded: tiny
         self.latent_shape = latent_shape
         self.context_length = context_length
         self.autocast_dtype = autocast_dtype
@@ -201,16 +220,17 @@ class LatentDiffusionPipeline:
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        """Images in [-1, 1] → scaled latents (the posterior mean), for img2img."""
+        """Images in [-1, 1] → normalised latents (of the posterior mean), for img2img."""
         with self._on_device(self.vae):
             latents = self.vae.encode(images.to(self.device, torch.float32)).mode()
-        return latents * self.latent_scale
+        return self.latent_normalizer.normalize(latents)
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """Scaled latents → images in [-1, 1]."""
+        """Normalised latents (the U-Net's) → images in [-1, 1]."""
+        latents = self.latent_normalizer.denormalize(latents.to(self.device, torch.float32))
         with self._on_device(self.vae):
-            images = self.vae.decode(latents.to(self.device, torch.float32) / self.latent_scale)
+            images = self.vae.decode(latents)
         return images.clamp(-1, 1)
 
     @torch.no_grad()

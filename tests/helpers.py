@@ -124,7 +124,7 @@ def tiny_diffusion_module(
         "optim": TINY_OPTIM,
         "ema": {},
         "cond_dropout": 0.2,
-        "latent_scale": 0.5,
+        "latent_norm": {"kind": "global", "scale_factor": 0.5},
         "latent_shape": list(TINY_LATENT_SHAPE),
         "context_length": TINY_CONTEXT[0],
         "validation": {"timestep_buckets": 2},

@@ -499,10 +499,6 @@ def test_empty_prompt_states_match_the_encoder_cut_to_the_cached_length(
     torch.testing.assert_close(found, expected, rtol=0, atol=2e-3)
 
 
-def test_scale_factor_comes_from_the_vae_export(prepared: LatentDataModule) -> None:
-    assert prepared.scale_factor == STATS["scale_factor"]
-
-
 def test_cache_config_file_is_valid_and_points_into_the_cache_dir() -> None:
     raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "cache" / "default.yaml"))
     assert raw["dir"] == "${paths.cache_dir}/latents"

@@ -191,7 +191,7 @@ def module() -> LatentDiffusionModule:
         optim={},
         ema={},
         cond_dropout=0.1,
-        latent_scale=0.5,
+        latent_norm={"kind": "global", "scale_factor": 0.5},
         latent_shape=[4, 8, 8],
         context_length=8,
         validation={"timestep_buckets": 2, "sampling": {"steps": 10}},

@@ -22,6 +22,7 @@ from ldm.data.config import DataConfig, SplitFiles
 from ldm.data.synthetic import SyntheticConfig
 from ldm.devices import DeviceUnavailableError, resolve_device
 from ldm.diffusion.config import ScheduleConfig
+from ldm.models.dit import DiTConfig
 from ldm.models.unet import UNetConfig
 from ldm.models.vae import VAEConfig
 from ldm.runs import start_run, wandb_offline_requested
@@ -101,6 +102,7 @@ def test_a_key_a_yaml_file_adds_outside_the_schema_is_refused_when_composing(
         (s.SyntheticSchema, SyntheticConfig),
         (s.VAESchema, VAEConfig),
         (s.UNetSchema, UNetConfig),
+        (s.DiTSchema, DiTConfig),
         (s.DiffusionSchema, ScheduleConfig),
         (s.TextEncoderSchema, TextEncoderConfig),
         (s.CacheSchema, CacheConfig),
@@ -120,6 +122,7 @@ def test_each_schema_names_the_keys_its_parser_takes(schema: type, parsed_as: ty
         (SyntheticConfig, "data.synthetic", ["data=synthetic"]),
         (VAEConfig, "model.vae", []),
         (UNetConfig, "model.unet", []),
+        (DiTConfig, "model.dit", []),
         (ScheduleConfig, "diffusion", []),
         (TextEncoderConfig, "text_encoder", []),
         (CacheConfig, "cache", []),

@@ -28,6 +28,7 @@ from test_sample import (  # the sampling tests' tiny exports
 )
 from torch import nn
 
+from ldm.diffusion import ScheduleConfig
 from ldm.evaluation import adherence, reconstruction, run_evaluation
 from ldm.evaluation.clip_score import ClipScorer, ClipScoreSettings
 from ldm.evaluation.errors import MetricWeightsUnavailableError
@@ -396,10 +397,11 @@ def test_wandb_logger_records_the_sweep_offline(exports, synthetic_root, tmp_pat
 
 
 def test_default_sweep_is_sample_py_defaults_and_the_demo_its_own() -> None:
-    default = request_from_config(compose_config("evaluate")).sweep_settings(1000)
+    diffusion = ScheduleConfig(num_train_timesteps=1000)
+    default = request_from_config(compose_config("evaluate")).sweep_settings(diffusion)
     demo = request_from_config(compose_config("evaluate", ["experiment=demo"]))
     assert default == (SweepSetting(SamplingOptions("ddim", 50, 7.5)),)
-    assert demo.sweep_settings(1000) == (SweepSetting(SamplingOptions("ddim", 25, 3.0)),)
+    assert demo.sweep_settings(diffusion) == (SweepSetting(SamplingOptions("ddim", 25, 3.0)),)
 
 
 # ---- VAE reconstruction -------------------------------------------------------------------------
@@ -462,7 +464,8 @@ def test_lpips_is_measured_when_its_network_loads(exports, monkeypatch) -> None:
         (["cfg_scales=[]"], "cfg_scales must be a non-empty list"),
         (["cfg_scales=[-1]"], "negative scale"),
         (["steps=[0]"], "steps must be at least 1"),
-        (["sampler=euler"], "choose one of ddpm, ddim, dpmpp_2m"),
+        (["sampler=plms"], "choose one of ddpm | ddim | dpmpp_2m"),
+        (["sampler=euler"], "does not fit this model, trained with diffusion.objective=ddpm"),
         (["logger=csv"], "cannot record the sweep"),
         (["fid.feature_dim=1000"], "choose one of (64, 192, 768, 2048)"),
         (["clip_score.model_name=NoSuchCLIP"], "is not an open_clip model"),

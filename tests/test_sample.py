@@ -102,7 +102,7 @@ def make_exports(root: Path) -> Exports:
         optim={"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0},
         ema={},
         cond_dropout=0.1,
-        latent_scale=LATENT_STATS["scale_factor"],
+        latent_norm={"kind": "global", "scale_factor": LATENT_STATS["scale_factor"]},
         latent_shape=[4, 8, 8],
         context_length=CONTEXT_LENGTH,
         validation={"timestep_buckets": 2},
@@ -402,11 +402,13 @@ def test_compile_option_compiles_the_unet_and_pads_the_last_batch_to_full_size(
 
 def test_demo_experiment_samples_with_the_demo_defaults(exports, tmp_path) -> None:
     cfg = compose_config("sample", ["experiment=demo"])
-    assert (cfg.sampler, cfg.steps, cfg.cfg_scale) == ("ddim", 25, 3.0)
+    assert (cfg.steps, cfg.cfg_scale) == (25, 3.0)
     cfg = sample_cfg(exports.unet, tmp_path, "experiment=demo", "steps=3", "n=1")
     entry_script("sample.py").main(cfg)
     image = next(tmp_path.glob("*seed0.png"))
+    # No sampler named: the (ddpm-objective) model's own, DDIM.
     assert read_png_metadata(image)["cfg_scale"] == "3.0"
+    assert read_png_metadata(image)["sampler"] == "ddim"
 
 
 def test_wandb_logger_records_the_grids_offline_into_out_dir(exports, tmp_path) -> None:
@@ -552,7 +554,7 @@ def test_more_steps_than_training_timesteps_is_refused(exports, tmp_path) -> Non
         ({"steps": 201}, r"steps=201 is outside 1\.\.200: .*T=200"),
         ({"steps": 0}, "steps must be at least 1, got 0"),
         ({"steps": 20.0}, r"steps must be an integer, got 20\.0"),
-        ({"sampler": "euler"}, "sampler='euler' is not supported; choose one of ddpm, ddim"),
+        ({"sampler": "plms"}, r"sampler='plms' is not supported; .*ddpm \| ddim \| dpmpp_2m"),
         ({"sampler": "ddpm", "eta": 0.5}, "eta=0.5 only applies to sampler='ddim'"),
         ({"eta": 1.5}, r"eta=1\.5 is outside \[0, 1\]"),
         ({"cfg_scale": -1}, r"cfg_scale=-1\.0 is a negative scale"),
@@ -568,12 +570,12 @@ def test_sampling_options_are_checked_where_they_enter_with_what_was_wrong(
 ) -> None:
     """The one check every entry (sample.py, evaluate.py, training's grids) goes through."""
     with pytest.raises(ValueError, match=expected):
-        SamplingOptions.checked(num_train_timesteps=200, **options)
+        SamplingOptions.checked(diffusion=ScheduleConfig(), **options)
 
 
 def test_checked_options_default_to_text_to_image_and_img2img_strength() -> None:
-    assert SamplingOptions.checked(num_train_timesteps=200) == SamplingOptions()
-    img2img = SamplingOptions.checked(num_train_timesteps=200, image_to_image=True)
+    assert SamplingOptions.checked(diffusion=ScheduleConfig()) == SamplingOptions()
+    img2img = SamplingOptions.checked(diffusion=ScheduleConfig(), image_to_image=True)
     assert img2img.strength == 0.75
 
 
@@ -585,7 +587,7 @@ def test_training_refuses_validation_sampling_options_when_its_module_is_built()
             optim={},
             ema={},
             cond_dropout=0.1,
-            latent_scale=1.0,
+            latent_norm={"kind": "global", "scale_factor": 1.0},
             latent_shape=[4, 8, 8],
             context_length=CONTEXT_LENGTH,
             validation={"timestep_buckets": 2, "sampling": {"steps": NUM_TIMESTEPS + 1}},
@@ -599,7 +601,7 @@ def test_training_refuses_validation_sampling_options_when_its_module_is_built()
         (["prompt=null"], "exactly one of prompt= and prompts_file="),
         (["prompt=null", "prompts_file=/nowhere/prompts.txt"], "prompts.txt does not exist"),
         (["n=0"], "n must be at least 1"),
-        (["sampler=euler"], "choose one of ddpm, ddim, dpmpp_2m"),
+        (["sampler=euler"], "objective=ddpm; its samplers are ddpm | ddim | dpmpp_2m"),
         (["eta=0.5", "sampler=ddpm"], "only applies to sampler='ddim'"),
         (["weights=best"], "weights='best'"),
         (["logger=csv"], "cannot record images"),

@@ -13,6 +13,7 @@ from helpers import compose_config
 from torch import Tensor, nn
 
 from ldm.diffusion import NoiseSchedule, ScheduleConfig, sample
+from ldm.latent_norm import LatentNormalizer
 from ldm.models.vae import VAE, VAEConfig
 from ldm.pipeline import COMPILE_MODES, LatentDiffusionPipeline, SamplingOptions
 from ldm.sampling import SamplingError, request_from_config
@@ -233,7 +234,7 @@ def tiny_pipeline(**speed_options) -> LatentDiffusionPipeline:
                 rescale_zero_terminal_snr=False,
             )
         ),
-        latent_scale=1.0,
+        latent_normalizer=LatentNormalizer.global_scale(1.0),
         latent_shape=LATENT_SHAPE,
         context_length=CONTEXT_LENGTH,
         **speed_options,
@@ -316,7 +317,7 @@ def test_full_batches_are_not_padded() -> None:
 # ---- the compile option at the boundary ------------------------------------------------------
 
 
-T = 200  # the checkpoint's number of training timesteps, the most sampling steps it allows
+DDPM = ScheduleConfig()  # the checkpoint's diffusion config: T = 200, the most sampling steps
 
 
 def sample_request_cfg(*overrides: str):
@@ -324,17 +325,17 @@ def sample_request_cfg(*overrides: str):
 
 
 def test_compile_is_off_unless_asked_for() -> None:
-    assert request_from_config(sample_request_cfg(), T).compile_mode == "none"
+    assert request_from_config(sample_request_cfg(), DDPM).compile_mode == "none"
 
 
 @pytest.mark.parametrize("mode", COMPILE_MODES)
 def test_every_compile_mode_is_accepted(mode: str) -> None:
-    assert request_from_config(sample_request_cfg(f"compile={mode}"), T).compile_mode == mode
+    assert request_from_config(sample_request_cfg(f"compile={mode}"), DDPM).compile_mode == mode
 
 
 def test_unknown_compile_mode_is_refused_naming_the_valid_ones() -> None:
     with pytest.raises(SamplingError) as error:
-        request_from_config(sample_request_cfg("compile=bogus"), T)
+        request_from_config(sample_request_cfg("compile=bogus"), DDPM)
 
     assert str(error.value) == (
         "compile='bogus' is not supported; choose one of none, default, reduce-overhead, "
@@ -344,7 +345,7 @@ def test_unknown_compile_mode_is_refused_naming_the_valid_ones() -> None:
 
 @pytest.mark.parametrize(("n", "batch_size", "full"), [(10, 4, 4), (3, 8, 3)])
 def test_full_batch_size_is_the_size_of_every_batch_but_the_last(n, batch_size, full) -> None:
-    request = request_from_config(sample_request_cfg(f"n={n}", f"batch_size={batch_size}"), T)
+    request = request_from_config(sample_request_cfg(f"n={n}", f"batch_size={batch_size}"), DDPM)
 
     assert request.full_batch_size == full
     assert all(len(batch) <= full for batch in request.batches())

@@ -108,11 +108,19 @@ def fit_tiny(module: LatentDiffusionModule, callbacks: list[Callback], steps: in
     trainer.fit(module, train_dataloaders=loader)
 
 
-def test_the_unet_training_step_reads_nothing_back_from_the_device() -> None:
+@pytest.mark.parametrize(
+    "diffusion",
+    [
+        {"loss_weighting": "min_snr"},
+        {"objective": "flow_matching", "noise_offset": 0.1, "input_perturbation": 0.1},
+    ],
+    ids=["ddpm_min_snr", "flow_matching_with_noise_options"],
+)
+def test_the_unet_training_step_reads_nothing_back_from_the_device(diffusion) -> None:
     """Forward, loss, backward, clipping, fused AdamW, EMA and LR schedule: nothing of it may
     read a tensor's value on the host, or a GPU would wait for the queue every step."""
     trap = ForbidHostReadsAfterWarmup()
-    fit_tiny(tiny_module(fused_optimizer=True), [trap])
+    fit_tiny(tiny_diffusion_module(diffusion=diffusion, fused_optimizer=True), [trap])
     assert trap.armed_steps == 3
 
 

@@ -27,6 +27,8 @@ TINY = UNetConfig(
 )
 # Three levels (factor 4) to check sizes against a deeper stack.
 TINY_F4 = UNetConfig(**{**TINY.to_dict(), "channel_multipliers": (1, 2, 2)})
+# The caption also pooled into the time embedding.
+TINY_POOLED = UNetConfig(**{**TINY.to_dict(), "pooled_text": True})
 
 
 @pytest.fixture(autouse=True)
@@ -172,8 +174,9 @@ def test_changing_the_timestep_changes_the_prediction() -> None:
     assert difference.abs().mean() > 1e-3
 
 
-def test_masked_context_tokens_do_not_affect_the_prediction() -> None:
-    model = _with_random_output_conv(UNet(TINY)).eval()
+@pytest.mark.parametrize("config", [TINY, TINY_POOLED], ids=["cross_attention", "pooled_text"])
+def test_masked_context_tokens_do_not_affect_the_prediction(config: UNetConfig) -> None:
+    model = _with_random_output_conv(UNet(config)).eval()
     latents, timesteps, context = _inputs(context_length=6)
     mask = torch.tensor([[True] * 3 + [False] * 3] * 2)
     padded_differently = context.clone()
@@ -186,9 +189,10 @@ def test_masked_context_tokens_do_not_affect_the_prediction() -> None:
     torch.testing.assert_close(truncated, reference)
 
 
-def test_every_parameter_receives_a_gradient() -> None:
+@pytest.mark.parametrize("config", [TINY, TINY_POOLED], ids=["cross_attention", "pooled_text"])
+def test_every_parameter_receives_a_gradient(config: UNetConfig) -> None:
     # DDP needs every parameter used in each step; an unused one also means a wiring bug.
-    model = _with_random_output_conv(UNet(TINY))
+    model = _with_random_output_conv(UNet(config))
     latents, timesteps, context = _inputs()
     model(latents, timesteps, context).square().mean().backward()
     without_gradient = [
@@ -197,6 +201,32 @@ def test_every_parameter_receives_a_gradient() -> None:
         if parameter.grad is None or torch.count_nonzero(parameter.grad) == 0
     ]
     assert without_gradient == []
+
+
+def test_pooled_text_reaches_every_residual_block_through_the_time_embedding() -> None:
+    model = UNet(TINY_POOLED).eval()
+    latents, timesteps, context = _inputs()
+    seen: list[torch.Tensor] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[1]))
+        for module in model.modules()
+        if type(module).__name__ == "ResnetBlock"
+    ]
+    with torch.no_grad():
+        model(latents, timesteps, context)
+        model(latents, timesteps, -context)
+    for hook in hooks:
+        hook.remove()
+    half = len(seen) // 2
+    assert half == len(hooks) > 0
+    for first, second in zip(seen[:half], seen[half:], strict=True):
+        assert (first - second).abs().max() > 1e-4
+
+
+def test_configs_written_before_pooled_text_load_without_it() -> None:
+    values = TINY.to_dict()
+    del values["pooled_text"]
+    assert UNetConfig.from_dict(values).pooled_text is False
 
 
 def test_timestep_embedding_separates_neighbouring_timesteps_and_is_bounded() -> None:

@@ -74,7 +74,7 @@ def test_training_exports_raw_and_ema_weights_with_everything_sampling_needs(
 ) -> None:
     result, cfg = trained
     metadata = read_unet_metadata(result.export_dir)
-    assert metadata["latent_scale"] == 0.5
+    assert metadata["latent_norm"] == {"kind": "global", "scale_factor": 0.5}
     assert metadata["vae_export"] == str(vae_export.resolve())
     assert metadata["text_encoder"]["pretrained"] is None
     assert metadata["diffusion"]["num_train_timesteps"] == cfg.diffusion.num_train_timesteps
@@ -92,7 +92,7 @@ def test_lightning_checkpoint_records_vae_scale_text_encoder_and_schedule(traine
     result, cfg = trained
     state = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     hparams = state["hyper_parameters"]
-    assert hparams["latent_scale"] == 0.5
+    assert hparams["latent_norm"] == {"kind": "global", "scale_factor": 0.5}
     assert hparams["provenance"]["vae_weights_sha256"]
     assert hparams["provenance"]["text_encoder"]["model_name"] == cfg.text_encoder.model_name
     assert hparams["diffusion"]["beta_schedule"] == "linear"
@@ -159,7 +159,7 @@ def test_condition_dropout_replaces_the_configured_fraction_by_the_empty_prompt(
         optim={"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0},
         ema={},
         cond_dropout=0.25,
-        latent_scale=1.0,
+        latent_norm={"kind": "global", "scale_factor": 1.0},
         latent_shape=[4, 8, 8],
         context_length=3,
         validation={"timestep_buckets": 2},

@@ -73,8 +73,8 @@ class LatentDataModule(ResumableDataModule):
     (float16) with their ``index``/``image_id`` and the step's random tensors, from the caches
     (see :class:`~ldm.caches.dataset.CachedLatentDataset`).
 
-    Also exposes what the U-Net module needs around them: :attr:`scale_factor`,
-    :attr:`text_num_positions` and :meth:`empty_prompt_hidden_states`.
+    Also exposes what the U-Net module needs around them: :attr:`text_num_positions` and
+    :meth:`empty_prompt_hidden_states` (the latent statistics come from the VAE export).
     """
 
     def __init__(
@@ -279,11 +279,6 @@ class LatentDataModule(ResumableDataModule):
         )
 
     # ---- what the U-Net module reads ----------------------------------------------------
-
-    @property
-    def scale_factor(self) -> float:
-        """Multiply sampled latents by this for unit variance (the VAE export's measurement)."""
-        return float(self.vae_metadata["latent_stats"]["scale_factor"])
 
     @property
     def text_num_positions(self) -> int:

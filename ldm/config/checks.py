@@ -25,7 +25,7 @@ from ldm.data.array_store import CacheConfig
 from ldm.data.config import DataConfig
 from ldm.devices import DeviceSettings, check_processes, resolve_device
 from ldm.diffusion.config import ScheduleConfig
-from ldm.models.unet import UNetConfig
+from ldm.models.denoiser import denoiser_config
 from ldm.models.vae import VAEConfig
 from ldm.text.config import TextEncoderConfig
 
@@ -37,9 +37,10 @@ _SECTION_PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "text_encoder": TextEncoderConfig.from_dict,
     "diffusion": ScheduleConfig.from_dict,
 }
+# Each takes the plain ``model`` section; stage 2 trains the denoiser ``model.denoiser`` names.
 _STAGE_MODEL_PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "vae": VAEConfig.from_dict,
-    "unet": UNetConfig.from_dict,
+    "vae": lambda model: VAEConfig.from_dict(model["vae"]),
+    "unet": lambda model: denoiser_config(model["denoiser"], model.get(model["denoiser"], {})),
 }
 # Precisions that store the weights themselves in 16 bits, the EMA copy's included.
 _HALF_WEIGHT_PRECISIONS = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
@@ -52,7 +53,7 @@ def check_run_config(cfg: DictConfig, run_dir: Path) -> DeviceSettings:
     for section, parse in _SECTION_PARSERS.items():
         if section in cfg:
             parse(plain(cfg[section]))
-    _STAGE_MODEL_PARSERS[cfg.stage](plain(cfg.model[cfg.stage]))
+    _STAGE_MODEL_PARSERS[cfg.stage](plain(cfg.model))
     outputs = {"hydra.run.dir": run_dir, "paths.runs_dir": Path(cfg.paths.runs_dir)}
     outputs["paths.cache_dir"] = Path(cfg.paths.cache_dir)
     if "cache" in cfg:

@@ -90,12 +90,27 @@ class UNetSchema:
     context_dim: int = MISSING
     dropout: float = MISSING
     norm_groups: int = MISSING
+    pooled_text: bool = MISSING
+
+
+@dataclass
+class DiTSchema:
+    in_channels: int = MISSING
+    out_channels: int = MISSING
+    patch_size: int = MISSING
+    hidden_dim: int = MISSING
+    depth: int = MISSING
+    attention_head_dim: int = MISSING
+    context_dim: int = MISSING
+    dropout: float = MISSING
 
 
 @dataclass
 class ModelSchema:
     vae: VAESchema = field(default_factory=VAESchema)
+    denoiser: str = MISSING  # unet | dit: which of the two sections below stage 2 trains
     unet: UNetSchema = field(default_factory=UNetSchema)
+    dit: DiTSchema = field(default_factory=DiTSchema)
 
 
 @dataclass
@@ -210,6 +225,7 @@ class TrainVAESchema(RunSchema):
 
 @dataclass
 class DiffusionSchema:
+    objective: str = MISSING
     num_train_timesteps: int = MISSING
     beta_schedule: str = MISSING
     beta_start: float | None = MISSING
@@ -218,6 +234,11 @@ class DiffusionSchema:
     prediction_type: str = MISSING
     loss_weighting: str = MISSING
     min_snr_gamma: float = MISSING
+    flow_logit_mean: float = MISSING
+    flow_logit_std: float = MISSING
+    flow_shift: float = MISSING
+    noise_offset: float = MISSING
+    input_perturbation: float = MISSING
 
 
 @dataclass
@@ -248,7 +269,7 @@ class EMASchema:
 
 @dataclass
 class SamplingSchema:
-    sampler: str = MISSING
+    sampler: str | None = MISSING
     steps: int = MISSING
     cfg_scale: float = MISSING
     eta: float = MISSING
@@ -287,6 +308,7 @@ class TrainUNetSchema(RunSchema):
     vae_export: str = MISSING
     optim: OptimSchema = field(default_factory=OptimSchema)
     cond_dropout: float = MISSING
+    latent_norm: str = MISSING
     ema: EMASchema = field(default_factory=EMASchema)
     validation: ValidationSchema = field(default_factory=ValidationSchema)
     evaluation: EvaluationCurvesSchema = field(default_factory=EvaluationCurvesSchema)
@@ -309,7 +331,7 @@ class SampleSchema(RunSchema):
     n: int = MISSING
     batch_size: int = MISSING
     seed: int = MISSING
-    sampler: str = MISSING
+    sampler: str | None = MISSING
     steps: int = MISSING
     cfg_scale: float = MISSING
     eta: float = MISSING
@@ -347,7 +369,7 @@ class EvaluateSchema(RunSchema):
     ckpt: str = MISSING
     weights: str = MISSING
     vae_export: str | None = MISSING
-    sampler: str = MISSING
+    sampler: str | None = MISSING
     cfg_scales: list[float] = MISSING
     steps: list[int] = MISSING
     seed: int = MISSING

@@ -74,17 +74,32 @@ class StepRandomness:
     """Which random tensors one step needs; the training module states it, the loader draws it.
 
     ``posterior_noise_shape``: ε for z = μ + σ·ε (per image: (C, h, w)). ``num_timesteps``:
-    t ~ U{0..T-1} with ``diffusion_noise`` ε shaped like the latent. ``cond_dropout``: the
-    share of captions replaced by the empty prompt (a (B,) bool mask; null: no mask).
+    t ~ U{0..T-1} (the ddpm objective); ``timestep_normals``: instead, n ~ N(0, 1) per image,
+    which flow matching turns into its logit-normal σ. ``diffusion_noise_shape``: ε shaped like
+    the latent. ``cond_dropout``: the share of captions replaced by the empty prompt (a (B,)
+    bool mask; null: no mask). ``offset_noise_shape`` ((C, 1, 1)) and
+    ``perturbation_noise_shape`` (the latent's): the standard-normal draws of the noise offset
+    and input perturbation options, scaled where they are used (``ldm.diffusion.training_noise``).
     """
 
     posterior_noise_shape: tuple[int, ...] | None = None
     num_timesteps: int | None = None
+    timestep_normals: bool = False
     diffusion_noise_shape: tuple[int, ...] | None = None
     cond_dropout: float | None = None
+    offset_noise_shape: tuple[int, ...] | None = None
+    perturbation_noise_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_timesteps is not None and self.timestep_normals:
+            raise ValueError(
+                "a step draws its noise levels one way: num_timesteps (ddpm) or "
+                "timestep_normals (flow matching), not both."
+            )
 
     def draw(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """The tensors, always drawn in the same order so a key gives the same numbers."""
+        """The tensors, always drawn in the same order so a key gives the same numbers. The
+        options added later draw last, so that with them off every earlier draw is unchanged."""
         drawn: dict[str, Tensor] = {}
         if self.posterior_noise_shape is not None:
             drawn["posterior_noise"] = torch.randn(
@@ -94,6 +109,8 @@ class StepRandomness:
             drawn["timesteps"] = torch.randint(
                 self.num_timesteps, (batch_size,), generator=generator
             )
+        if self.timestep_normals:
+            drawn["timestep_normals"] = torch.randn(batch_size, generator=generator)
         if self.diffusion_noise_shape is not None:
             drawn["diffusion_noise"] = torch.randn(
                 (batch_size, *self.diffusion_noise_shape), generator=generator
@@ -101,6 +118,14 @@ class StepRandomness:
         if self.cond_dropout is not None:
             drawn["drop_condition"] = (
                 torch.rand(batch_size, generator=generator) < self.cond_dropout
+            )
+        if self.offset_noise_shape is not None:
+            drawn["offset_noise"] = torch.randn(
+                (batch_size, *self.offset_noise_shape), generator=generator
+            )
+        if self.perturbation_noise_shape is not None:
+            drawn["perturbation_noise"] = torch.randn(
+                (batch_size, *self.perturbation_noise_shape), generator=generator
             )
         return drawn
 

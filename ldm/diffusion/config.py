@@ -11,6 +11,7 @@ from typing import Any
 
 from ldm.config.parse import dataclass_from_dict
 
+OBJECTIVES = ("ddpm", "flow_matching")
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOSS_WEIGHTINGS = ("mse", "min_snr")
@@ -26,8 +27,18 @@ _CONFIG_FILE = "conf/diffusion/default.yaml"
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Noise schedule and training objective; build it with ``ScheduleConfig(**cfg.diffusion)``."""
+    """Noise schedule and training objective; build it with ``ScheduleConfig(**cfg.diffusion)``.
 
+    ``objective="ddpm"`` is the variance-preserving chain of β, ᾱ, ε/v-prediction and loss
+    weighting below. ``"flow_matching"`` is rectified flow, x_σ = (1-σ)·x0 + σ·ε with a velocity
+    target and continuous σ: it has no β, so ``beta_*``, ``rescale_zero_terminal_snr`` and
+    ``prediction_type`` are ignored (they describe the other chain; the group's defaults for them
+    stay valid), and ``num_train_timesteps`` is only the scale of the timestep the model is
+    given, σ·T. A non-uniform ``loss_weighting`` is refused there: it would silently do nothing.
+    ``noise_offset`` and ``input_perturbation`` apply to both objectives.
+    """
+
+    objective: str = "ddpm"
     num_train_timesteps: int = 200
     beta_schedule: str = "linear"
     beta_start: float | None = None
@@ -36,8 +47,14 @@ class ScheduleConfig:
     prediction_type: str = "v_prediction"
     loss_weighting: str = "mse"
     min_snr_gamma: float = 5.0
+    flow_logit_mean: float = 0.0
+    flow_logit_std: float = 1.0
+    flow_shift: float = 1.0
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
@@ -56,6 +73,11 @@ class ScheduleConfig:
                 f"diffusion.min_snr_gamma must be a positive number, got {self.min_snr_gamma!r}; "
                 "the min-SNR paper uses 5."
             )
+        self._check_training_noise()
+        self._check_flow_sigmas()
+        if self.objective == "flow_matching":
+            self._check_flow_loss_weighting()
+            return
         self._check_beta_endpoints()
         if self.rescale_zero_terminal_snr and self.prediction_type == "epsilon":
             raise ValueError(
@@ -81,6 +103,37 @@ class ScheduleConfig:
         start = reference_start * scale if self.beta_start is None else float(self.beta_start)
         end = reference_end * scale if self.beta_end is None else float(self.beta_end)
         return start, end
+
+    def _check_training_noise(self) -> None:
+        for name in ("noise_offset", "input_perturbation"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise ValueError(
+                    f"diffusion.{name} must be a number ≥ 0, got {value!r}; 0 turns it off "
+                    "(diffusers' training scripts suggest about 0.1)."
+                )
+
+    def _check_flow_sigmas(self) -> None:
+        if not _is_number(self.flow_logit_mean):
+            raise ValueError(
+                f"diffusion.flow_logit_mean must be a number, got {self.flow_logit_mean!r}."
+            )
+        for name in ("flow_logit_std", "flow_shift"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ValueError(
+                    f"diffusion.{name} must be a positive number, got {value!r}; "
+                    "SD3 uses flow_logit_std=1.0 and flow_shift=3.0 at 1024 px."
+                )
+
+    def _check_flow_loss_weighting(self) -> None:
+        if self.loss_weighting != "mse":
+            raise ValueError(
+                f"diffusion.loss_weighting={self.loss_weighting!r} weighs the timesteps of the "
+                "ddpm chain by their SNR; with diffusion.objective=flow_matching the logit-normal "
+                "σ sampling (flow_logit_mean, flow_logit_std, flow_shift) decides how much each "
+                "noise level counts. Set diffusion.loss_weighting=mse."
+            )
 
     def _check_beta_endpoints(self) -> None:
         given = {

@@ -8,10 +8,11 @@ from torch import Tensor
 
 
 class Denoiser(Protocol):
-    """``model(x_t (B, C, H, W), t (B,) long, cond) -> (B, C, H, W)``.
+    """``model(x_t (B, C, H, W), t (B,), cond) -> (B, C, H, W)``.
 
-    The output is ε or v, as the schedule's ``prediction_type`` says; ``cond`` (e.g. text hidden
-    states (B, L, D)) is handed over untouched.
+    ``t`` is a long timestep for the ddpm objective, the float σ·T for flow matching. The output
+    is ε or v, as the schedule's ``prediction_type`` says, or the flow velocity ε - x0; ``cond``
+    (e.g. text hidden states (B, L, D)) is handed over untouched.
     """
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor: ...

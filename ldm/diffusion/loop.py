@@ -12,15 +12,15 @@ from tqdm.auto import tqdm
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.guidance import guided_prediction
 from ldm.diffusion.noise import Generators, standard_normal
+from ldm.diffusion.objectives import Schedule
 from ldm.diffusion.samplers import StepOutput, make_sampler
-from ldm.diffusion.schedule import NoiseSchedule
-from ldm.diffusion.timesteps import sampling_timesteps, timesteps_for_strength
+from ldm.diffusion.timesteps import timesteps_for_strength
 
 
 @torch.no_grad()
 def sample(
     model: Denoiser,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     sampler: str,
     *,
     steps: int,
@@ -38,8 +38,9 @@ def sample(
 
     Runs on ``schedule.device`` in ``schedule.dtype`` (``schedule.to(dtype=torch.float64)`` for
     exact comparisons); ``generator`` (one, or one per image) must live on that device. The
-    model should already be in eval mode. ``sampler`` is one of ``SAMPLERS``; ``steps`` ≤ T are
-    spread by ``sampling_timesteps`` and ``strength`` < 1 (img2img only) runs just their tail.
+    model should already be in eval mode. ``sampler`` is one of the schedule's objective's
+    ``SAMPLERS_BY_OBJECTIVE``; the schedule spreads ``steps`` noise levels (integer t for ddpm,
+    σ for flow matching) and ``strength`` < 1 (img2img only) runs just their tail.
     The options are trusted: they were checked where they entered (``SamplingOptions.checked``).
     """
     if (shape is None) == (init_latent is None):
@@ -48,12 +49,10 @@ def sample(
             f"got shape={shape} and init_latent={'a tensor' if init_latent is not None else None}."
         )
     step_rule = make_sampler(sampler, schedule, eta=eta)
-    timesteps = timesteps_for_strength(
-        sampling_timesteps(schedule.num_train_timesteps, steps), strength
-    )
-    # Python ints, read once from the CPU tensor: the loop below only launches device work and
-    # never reads a device value back (that would stall the host on every step).
-    t_list = timesteps.tolist()
+    # Python numbers: the loop below only launches device work and never reads a device value
+    # back (that would stall the host on every step).
+    levels = timesteps_for_strength(schedule.sampling_levels(steps), strength)
+    next_levels = [*levels[1:], schedule.clean_level]
     device, dtype = schedule.device, schedule.dtype
 
     if init_latent is None:
@@ -61,17 +60,22 @@ def sample(
     else:
         start = init_latent.to(device=device, dtype=dtype)
         noise = standard_normal(start.shape, generator, device=device, dtype=dtype)
-        x = schedule.q_sample(start, t_list[0], noise)
+        x = schedule.q_sample(start, levels[0], noise)
+
+    def predict(latents: Tensor, level: float) -> Tensor:
+        # An int level stays an integer (long) timestep; a σ becomes float32, then σ·T.
+        level_batch = torch.full((latents.shape[0],), level, device=device)
+        timesteps = schedule.model_timesteps(level_batch)
+        return guided_prediction(model, latents, timesteps, cond, uncond, cfg_scale).to(dtype)
 
     last_step: StepOutput | None = None
-    for i, t in enumerate(
-        tqdm(t_list, desc=f"sampling ({sampler})", disable=not progress, dynamic_ncols=True)
+    for level, next_level in zip(
+        tqdm(levels, desc=f"sampling ({sampler})", disable=not progress, dynamic_ncols=True),
+        next_levels,
+        strict=True,
     ):
-        t_prev = t_list[i + 1] if i + 1 < len(t_list) else -1
-        t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        model_output = guided_prediction(model, x, t_batch, cond, uncond, cfg_scale).to(dtype)
-        last_step = step_rule.step(
-            model_output, t, t_prev, x, last_step=last_step, generator=generator
+        last_step = step_rule.advance(
+            predict, x, level, next_level, last_step=last_step, generator=generator
         )
         x = last_step.sample
     return x

@@ -1,4 +1,8 @@
-"""The training objective: what the model must predict and how much each timestep counts."""
+"""The training objective: what the model must predict and how much each noise level counts.
+
+Both objectives go through the same functions: a ddpm ``NoiseSchedule`` takes integer timesteps
+t, a ``FlowMatchingSchedule`` continuous σ; "noise level" below means either.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +14,70 @@ from torch import Tensor
 
 from ldm.diffusion.config import ScheduleConfig
 from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.flow_matching import FlowMatchingSchedule
 from ldm.diffusion.schedule import NoiseSchedule, betas_from_config
 
+Schedule = NoiseSchedule | FlowMatchingSchedule
 
-def training_target(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-    """The exact output a perfect model would give: ε, or v for v-prediction."""
+
+def make_schedule(
+    config: ScheduleConfig,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Schedule:
+    """The schedule of ``config.objective``: where training and sampling pick the objective."""
+    kind = FlowMatchingSchedule if config.objective == "flow_matching" else NoiseSchedule
+    return kind(config, device=device, dtype=dtype)
+
+
+def training_target(schedule: Schedule, x0: Tensor, level: Tensor, noise: Tensor) -> Tensor:
+    """The exact output a perfect model would give: ε or v (ddpm), the velocity ε - x0 (flow)."""
+    if isinstance(schedule, FlowMatchingSchedule):
+        return schedule.velocity(x0, noise)
     if schedule.prediction_type == "v_prediction":
-        return schedule.velocity(x0, t, noise)
+        return schedule.velocity(x0, level, noise)
     return noise
 
 
-def loss_weights(schedule: NoiseSchedule, t: Tensor) -> Tensor:
-    """Per-sample weight (B,) on the squared error at timesteps ``t``.
+def training_noise(
+    config: ScheduleConfig,
+    noise: Tensor,
+    *,
+    offset_normals: Tensor | None = None,
+    perturbation_normals: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(ε of the target, ε of the noisy input) from a step's standard-normal draws.
+
+    Offset noise (``noise_offset``, diffusers' name) adds offset·N(0, 1) of shape (B, C, 1, 1)
+    to ε, in the input and the target alike: plain ε almost never shifts a whole channel, so a
+    model trained on it cannot move an image's mean brightness far (dark or bright images come
+    out grey). Input perturbation (``input_perturbation``, Ning et al. 2023) adds γ·N(0, 1) to
+    the input's ε only, so training sees inputs as slightly off as sampling's own, against
+    exposure bias; the target stays the ε that was not perturbed. Each option needs its draws
+    (``offset_normals`` (B, C, 1, 1), ``perturbation_normals`` shaped like ``noise``).
+    """
+    if config.noise_offset > 0:
+        if offset_normals is None:
+            raise ValueError(
+                f"diffusion.noise_offset={config.noise_offset} needs offset_normals (B, C, 1, 1)."
+            )
+        noise = noise + config.noise_offset * offset_normals
+    if config.input_perturbation <= 0:
+        return noise, noise
+    if perturbation_normals is None:
+        raise ValueError(
+            f"diffusion.input_perturbation={config.input_perturbation} needs "
+            "perturbation_normals shaped like the noise."
+        )
+    return noise, noise + config.input_perturbation * perturbation_normals
+
+
+def loss_weights(schedule: Schedule, level: Tensor) -> Tensor:
+    """Per-sample weight (B,) on the squared error at noise levels ``level``.
+
+    Flow matching weighs every σ alike: how often each σ is drawn (logit-normal, shifted) is its
+    weighting.
 
     min-SNR-γ (Hang et al. 2023) caps the weight of nearly clean timesteps, which otherwise
     dominate the gradient: min(SNR, γ)/SNR on an ε target. A v target's error already carries a
@@ -29,7 +85,9 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor) -> Tensor:
     scripts: 1 at zero terminal SNR, where min(SNR, γ)/(SNR + 1) would be 0 and leave the very
     timestep sampling starts from untrained.
     """
-    return _weight_table(schedule.config, t.device)[t]
+    if isinstance(schedule, FlowMatchingSchedule):
+        return torch.ones(level.shape, device=level.device)
+    return _weight_table(schedule.config, level.device)[level]
 
 
 @functools.cache
@@ -48,7 +106,7 @@ def _weight_table(config: ScheduleConfig, device: torch.device) -> Tensor:
 
 def diffusion_loss(
     model: Denoiser,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     x0: Tensor,
     cond: Any,
     *,
@@ -58,16 +116,16 @@ def diffusion_loss(
 ) -> Tensor:
     """Per-sample training loss (B,) for clean latents ``x0`` (B, C, H, W).
 
-    Draws t ~ U{0..T-1} and ε ~ N(0, I) from ``generator`` unless given, so validation can fix
-    them and get a comparable number every epoch. Reduce with ``.mean()`` for the optimiser.
-    Checks what it is given; the training step, whose t and ε are drawn by the data loader,
-    calls :func:`per_sample_loss` directly.
+    Draws the noise levels ``t`` (ddpm: t ~ U{0..T-1}; flow matching: logit-normal σ) and
+    ε ~ N(0, I) from ``generator`` unless given, so validation can fix them and get a comparable
+    number every epoch. Reduce with ``.mean()`` for the optimiser. Checks what it is given; the
+    training step, whose draws come from the data loader, calls :func:`per_sample_loss`.
     """
     batch = x0.shape[0]
     if t is None:
-        t = torch.randint(
-            0, schedule.num_train_timesteps, (batch,), generator=generator, device=x0.device
-        )
+        t = _draw_levels(schedule, batch, generator, x0.device)
+    elif isinstance(schedule, FlowMatchingSchedule):
+        _check_sigmas(t, batch)
     else:
         _check_timesteps(t, batch, schedule.num_train_timesteps)
     if noise is None:
@@ -80,19 +138,52 @@ def diffusion_loss(
 
 
 def per_sample_loss(
-    model: Denoiser, schedule: NoiseSchedule, x0: Tensor, cond: Any, t: Tensor, noise: Tensor
+    model: Denoiser,
+    schedule: Schedule,
+    x0: Tensor,
+    cond: Any,
+    level: Tensor,
+    noise: Tensor,
+    *,
+    input_noise: Tensor | None = None,
 ) -> Tensor:
-    """The loss (B,) with nothing checked that would read the device: the hot path."""
-    prediction = model(schedule.q_sample(x0, t, noise), t, cond)
+    """The loss (B,) with nothing checked that would read the device: the hot path.
+
+    ``input_noise`` (see :func:`training_noise`) replaces ``noise`` in the model's input only.
+    """
+    noisy = schedule.q_sample(x0, level, noise if input_noise is None else input_noise)
+    prediction = model(noisy, schedule.model_timesteps(level), cond)
     if prediction.shape != x0.shape:
         raise ValueError(
             f"the model returned shape {tuple(prediction.shape)} for input {tuple(x0.shape)}; "
             "a denoiser must return a tensor shaped like its input."
         )
-    target = training_target(schedule, x0, t, noise)
+    target = training_target(schedule, x0, level, noise)
     # float32 even under bf16 autocast: the squared error of small residuals underflows otherwise.
     squared_error = (prediction.float() - target.float()) ** 2
-    return loss_weights(schedule, t) * squared_error.mean(dim=tuple(range(1, x0.ndim)))
+    return loss_weights(schedule, level) * squared_error.mean(dim=tuple(range(1, x0.ndim)))
+
+
+def _draw_levels(
+    schedule: Schedule, batch: int, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    if isinstance(schedule, FlowMatchingSchedule):
+        return schedule.training_sigmas(torch.randn(batch, generator=generator, device=device))
+    return torch.randint(
+        0, schedule.num_train_timesteps, (batch,), generator=generator, device=device
+    )
+
+
+def _check_sigmas(sigma: Tensor, batch: int) -> None:
+    if sigma.shape != (batch,) or not sigma.is_floating_point():
+        raise ValueError(
+            f"flow matching takes σ as a float tensor of shape ({batch},), one per sample; got "
+            f"shape {tuple(sigma.shape)} and dtype {sigma.dtype}."
+        )
+    if bool((sigma < 0).any() or (sigma > 1).any()):
+        raise ValueError(
+            f"σ must lie in [0, 1]; got values from {float(sigma.min())} to {float(sigma.max())}."
+        )
 
 
 def _check_timesteps(t: Tensor, batch: int, num_timesteps: int) -> None:

@@ -21,31 +21,46 @@ With identical betas and timesteps each sampler matches a diffusers scheduler st
 All three use ``timestep_spacing="trailing"`` and no clipping or thresholding (latents are not
 bounded to [-1, 1]); ``trained_betas`` gives diffusers our exact β.
 
-Timesteps are Python ints and every coefficient a Python float from the schedule's host copy, so
-a step only launches device work: no step reads a value back from the device.
+Flow-matching models (``FlowMatchingSchedule``) have their own two, which integrate the predicted
+velocity from σ to σ_next on the grid of ``FlowMatchingSchedule.sampling_levels``:
+
+* ``FlowEulerSampler``: ``FlowMatchEulerDiscreteScheduler(shift=k)``.
+* ``FlowHeunSampler``: ``FlowMatchHeunDiscreteScheduler(shift=k)``, which takes two model calls
+  per step (one on the last step, to σ = 0).
+
+Timesteps are Python ints (σ Python floats) and every coefficient a Python float from the
+schedule's host copy, so a step only launches device work: no step reads a value back from the
+device.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
 
+from ldm.diffusion.flow_matching import FlowMatchingSchedule
 from ldm.diffusion.noise import Generators, standard_normal
 from ldm.diffusion.schedule import NoiseSchedule
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLERS_BY_OBJECTIVE = {"ddpm": ("ddpm", "ddim", "dpmpp_2m"), "flow_matching": ("euler", "heun")}
+SAMPLERS = tuple(name for names in SAMPLERS_BY_OBJECTIVE.values() for name in names)
+
+# The model, guidance included, at one noise level: (x (B, C, H, W), t or σ) -> its output.
+Predict = Callable[[Tensor, float], Tensor]
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    """One reverse step: the new sample, the x0 it was aimed at, and the timestep it left."""
+    """One reverse step: the new sample, the x0 it was aimed at, and the noise level it left
+    (an integer timestep t, or σ for flow matching)."""
 
     sample: Tensor
     pred_x0: Tensor
-    timestep: int
+    timestep: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +85,21 @@ class Sampler(ABC):
 
     def __init__(self, schedule: NoiseSchedule) -> None:
         self.schedule = schedule
+
+    def advance(
+        self,
+        predict: Predict,
+        sample: Tensor,
+        t: int,
+        t_prev: int,
+        *,
+        last_step: StepOutput | None = None,
+        generator: Generators = None,
+    ) -> StepOutput:
+        """One step of the sampling loop: one model call at t, then :meth:`step`."""
+        return self.step(
+            predict(sample, t), t, t_prev, sample, last_step=last_step, generator=generator
+        )
 
     def step(
         self,
@@ -175,9 +205,82 @@ class DPMSolverPP2MSampler(Sampler):
         return noise_ratio * step.sample + x0_weight * x0_estimate
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, *, eta: float = 0.0) -> Sampler:
-    """The sampler called ``name`` (one of ``SAMPLERS``); ``eta`` applies to DDIM only. The
-    options are trusted: they were checked where they entered (``SamplingOptions.checked``)."""
+class FlowSampler(ABC):
+    """One step of a flow-matching ODE solver, from σ to σ_next < σ. The model output is the
+    velocity v = dx/dσ, so x0 = x_σ - σ·v; deterministic, so ``generator`` goes unused."""
+
+    def __init__(self, schedule: FlowMatchingSchedule) -> None:
+        self.schedule = schedule
+
+    @abstractmethod
+    def advance(
+        self,
+        predict: Predict,
+        sample: Tensor,
+        sigma: float,
+        sigma_next: float,
+        *,
+        last_step: StepOutput | None = None,
+        generator: Generators = None,
+    ) -> StepOutput:
+        """The sample at ``sigma_next`` from ``sample`` at ``sigma``."""
+
+
+class FlowEulerSampler(FlowSampler):
+    """Euler: x_{σ_next} = x_σ + (σ_next - σ)·v(x_σ, σ); exact on a straight path."""
+
+    def advance(
+        self,
+        predict: Predict,
+        sample: Tensor,
+        sigma: float,
+        sigma_next: float,
+        *,
+        last_step: StepOutput | None = None,
+        generator: Generators = None,
+    ) -> StepOutput:
+        velocity = predict(sample, sigma)
+        return StepOutput(
+            sample=sample + (sigma_next - sigma) * velocity,
+            pred_x0=sample - sigma * velocity,
+            timestep=sigma,
+        )
+
+
+class FlowHeunSampler(FlowSampler):
+    """Heun (second order, as in Karras et al. 2022): an Euler step, then the step again with the
+    mean of the velocities at both ends. The last step, to σ = 0, stays Euler."""
+
+    def advance(
+        self,
+        predict: Predict,
+        sample: Tensor,
+        sigma: float,
+        sigma_next: float,
+        *,
+        last_step: StepOutput | None = None,
+        generator: Generators = None,
+    ) -> StepOutput:
+        velocity = predict(sample, sigma)
+        slope = velocity
+        if sigma_next != 0:
+            at_end = predict(sample + (sigma_next - sigma) * velocity, sigma_next)
+            slope = 0.5 * (velocity + at_end)
+        return StepOutput(
+            sample=sample + (sigma_next - sigma) * slope,
+            pred_x0=sample - sigma * velocity,
+            timestep=sigma,
+        )
+
+
+def make_sampler(
+    name: str, schedule: NoiseSchedule | FlowMatchingSchedule, *, eta: float = 0.0
+) -> Sampler | FlowSampler:
+    """The sampler called ``name`` (one of ``SAMPLERS_BY_OBJECTIVE[schedule.objective]``);
+    ``eta`` applies to DDIM only. The options are trusted: they were checked where they entered
+    (``SamplingOptions.checked``)."""
+    if isinstance(schedule, FlowMatchingSchedule):
+        return {"euler": FlowEulerSampler, "heun": FlowHeunSampler}[name](schedule)
     if name == "ddim":
         return DDIMSampler(schedule, eta=eta)
     return {"ddpm": DDPMSampler, "dpmpp_2m": DPMSolverPP2MSampler}[name](schedule)

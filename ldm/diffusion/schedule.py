@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.config import ScheduleConfig
+from ldm.diffusion.timesteps import sampling_timesteps
 
 # Improved DDPM's cosine schedule: offset s keeps β_0 from being vanishingly small, and β is capped
 # below 1 so that the last step does not divide by zero.
@@ -84,6 +85,11 @@ class NoiseSchedule:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.config = config if config is not None else ScheduleConfig()
+        if self.config.objective != "ddpm":
+            raise ValueError(
+                f"NoiseSchedule is the ddpm chain, but diffusion.objective="
+                f"{self.config.objective!r}; build the schedule with make_schedule(config)."
+            )
         betas = betas_from_config(self.config)  # float64 until the very end
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
 
@@ -112,6 +118,10 @@ class NoiseSchedule:
         )
 
     @property
+    def objective(self) -> str:
+        return self.config.objective
+
+    @property
     def num_train_timesteps(self) -> int:
         return self.config.num_train_timesteps
 
@@ -126,6 +136,17 @@ class NoiseSchedule:
     @property
     def dtype(self) -> torch.dtype:
         return self.betas.dtype
+
+    # The end of every sampling grid: t = -1, the clean end of the chain.
+    clean_level = -1
+
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        """The timesteps (B,) the model is given: the integer t itself."""
+        return t
+
+    def sampling_levels(self, steps: int) -> list[int]:
+        """The ``steps`` descending timesteps a sampler visits (``sampling_timesteps``)."""
+        return sampling_timesteps(self.num_train_timesteps, steps).tolist()
 
     def alpha_bar(self, t: int) -> float:
         """ᾱ at integer timestep ``t``; t = -1 stands for the clean end of the chain (ᾱ = 1)."""

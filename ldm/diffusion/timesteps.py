@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+# A descending grid of noise levels: a tensor or a list of timesteps t, or a list of σ.
+Levels = TypeVar("Levels", Tensor, list[int], list[float])
 
 
 def sampling_timesteps(num_train_timesteps: int, steps: int) -> Tensor:
@@ -28,11 +32,12 @@ def sampling_timesteps(num_train_timesteps: int, steps: int) -> Tensor:
     )
 
 
-def timesteps_for_strength(timesteps: Tensor, strength: float) -> Tensor:
+def timesteps_for_strength(timesteps: Levels, strength: float) -> Levels:
     """The tail of ``timesteps`` that img2img runs: the last round(strength·steps), at least one.
 
-    strength = 1 keeps every step (the start latent is fully noised at T - 1); strength = 0.3
-    noises the start latent only to the level of the step 70% of the way down the chain.
+    strength = 1 keeps every step (the start latent is fully noised at T - 1, or σ = 1);
+    strength = 0.3 noises the start latent only to the level of the step 70% of the way down
+    the chain. The same rule serves a ddpm grid of t and a flow-matching grid of σ.
     """
     kept = max(1, round(strength * len(timesteps)))
     return timesteps[len(timesteps) - kept :]

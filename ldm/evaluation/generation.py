@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.devices import DeviceSettings
-from ldm.diffusion import NoiseSchedule, ScheduleConfig
+from ldm.diffusion import ScheduleConfig, make_schedule
 from ldm.evaluation.pixels import number_of_batches
 from ldm.exports import SamplingCheckpoint
 from ldm.pipeline import LatentDiffusionPipeline, SamplingOptions
@@ -48,8 +48,8 @@ def load_sampling_model(
         unet=checkpoint.unet,
         vae=load_matching_vae(checkpoint, vae_export),
         text_encoder=load_text_encoder(checkpoint),
-        schedule=NoiseSchedule(ScheduleConfig(**checkpoint.diffusion)),
-        latent_scale=checkpoint.latent_scale,
+        schedule=make_schedule(ScheduleConfig(**checkpoint.diffusion)),
+        latent_normalizer=checkpoint.latent_normalizer,
         latent_shape=checkpoint.latent_shape,
         context_length=checkpoint.context_length,
         device=device.torch_device,

@@ -1,8 +1,8 @@
 """What the user asked ``evaluate.py`` for, checked once before any model or image is loaded.
 
 The sweep's sampling options are checked once the checkpoint is loaded (``sweep_settings``), as
-its T bounds the steps; everything else that can be wrong in ``conf/evaluate.yaml`` is refused
-here with a message that names the fix.
+its objective names the samplers that fit and its T bounds the steps; everything else that can be
+wrong in ``conf/evaluate.yaml`` is refused here with a message that names the fix.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm.diffusion import ScheduleConfig
 from ldm.evaluation.clip_score import ClipScoreSettings
 from ldm.evaluation.errors import EvaluationError
 from ldm.evaluation.fid import FidSettings
@@ -58,7 +59,7 @@ class EvaluationRequest:
     ckpt: Path
     weights: str
     vae_export: Path | None
-    sampler: Any  # the sweep, as given: checked by sweep_settings once T is known
+    sampler: Any  # the sweep, as given: checked by sweep_settings with the checkpoint
     steps: tuple[Any, ...]
     cfg_scales: tuple[Any, ...]
     num_samples: int  # generated images per setting for FID and CLIP score
@@ -83,13 +84,14 @@ class EvaluationRequest:
         """FID and CLIP score are measured on samples of one fixed caption list."""
         return "fid" in self.metrics or "clip_score" in self.metrics
 
-    def sweep_settings(self, num_train_timesteps: int) -> tuple[SweepSetting, ...]:
-        """Every cfg_scale × every steps value, checked against the checkpoint's T."""
+    def sweep_settings(self, diffusion: ScheduleConfig) -> tuple[SweepSetting, ...]:
+        """Every cfg_scale × every steps value, checked against the checkpoint's diffusion
+        config (its objective's samplers, its T)."""
         try:
             return tuple(
                 SweepSetting(
                     SamplingOptions.checked(
-                        num_train_timesteps=num_train_timesteps,
+                        diffusion=diffusion,
                         sampler=self.sampler,
                         steps=steps,
                         cfg_scale=cfg_scale,

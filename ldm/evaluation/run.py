@@ -101,7 +101,7 @@ def run_evaluation(
     model, sweep_settings = None, ()
     if request.needs_unet:
         model = load_sampling_model(request.ckpt, request.weights, request.vae_export, device)
-        sweep_settings = request.sweep_settings(model.pipeline.schedule.num_train_timesteps)
+        sweep_settings = request.sweep_settings(model.pipeline.schedule.config)
     vae = _vae_of(model, request, data)
     resolution = request.resolution_px or vae.image_size
     validation = None

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.config.parse import dataclass_from_dict
-from ldm.models.attention import SpatialTransformer
+from ldm.models.attention import MultiHeadAttention, SpatialTransformer
 from ldm.models.blocks import Downsample, ResnetBlock, TimestepEmbedding, Upsample, group_norm
+from ldm.models.conditioning import checked_conditioning
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class UNetConfig:
     context_dim: int = 512
     dropout: float = 0.0
     norm_groups: int = 32
+    pooled_text: bool = False
 
     def __post_init__(self) -> None:
         # Accept lists from JSON/Hydra but store tuples so the config stays hashable.
@@ -98,6 +100,12 @@ class UNetConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}.")
+        if self.pooled_text and self.context_dim % self.attention_head_dim != 0:
+            raise ValueError(
+                f"UNetConfig.pooled_text pools the text with attention heads of width "
+                f"attention_head_dim={self.attention_head_dim}, which must divide "
+                f"context_dim={self.context_dim}."
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "UNetConfig":
@@ -153,6 +161,29 @@ class ConditionedBlock(nn.Module):
         return h
 
 
+class TextPooling(nn.Module):
+    """The caption as one vector: a learned query attends over its hidden states.
+
+    Added to the time embedding, it reaches every residual block at every resolution as a
+    per-channel shift, the way ADM feeds class labels and SDXL/Imagen feed pooled text;
+    cross-attention alone makes the network learn where to look before it can use a word.
+    """
+
+    def __init__(self, context_dim: int, out_dim: int, head_dim: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, context_dim) * context_dim**-0.5)
+        self.norm = nn.LayerNorm(context_dim)
+        self.attention = MultiHeadAttention(
+            context_dim, context_dim=context_dim, head_dim=head_dim, dropout=0.0
+        )
+        self.proj = nn.Linear(context_dim, out_dim)
+
+    def forward(self, context: Tensor, context_mask: Tensor | None) -> Tensor:
+        query = self.query.expand(context.shape[0], -1, -1)  # (B, 1, context_dim)
+        pooled = self.attention(query, self.norm(context), context_mask)  # (B, 1, context_dim)
+        return self.proj(pooled[:, 0])  # (B, out_dim)
+
+
 class UNetLevel(nn.Module):
     """The blocks of one resolution level and the resampling that leaves it.
 
@@ -181,6 +212,11 @@ class UNet(nn.Module):
         # 4× the base width, as in the DDPM/ADM U-Nets.
         time_emb_ch = 4 * config.model_channels
         self.time_embedding = TimestepEmbedding(config.model_channels, time_emb_ch)
+        self.text_pooling = (
+            TextPooling(config.context_dim, time_emb_ch, config.attention_head_dim)
+            if config.pooled_text
+            else None
+        )
 
         def block(in_ch: int, out_ch: int, level: int) -> ConditionedBlock:
             return ConditionedBlock(
@@ -247,6 +283,8 @@ class UNet(nn.Module):
         """
         t = self._check_inputs(x, t, context, context_mask)
         time_emb = self.time_embedding(t)  # (B, 4·model_channels)
+        if self.text_pooling is not None:
+            time_emb = time_emb + self.text_pooling(context, context_mask)
 
         h = self.conv_in(x)  # (B, c0, h, w)
         skips = [h]
@@ -280,7 +318,7 @@ class UNet(nn.Module):
                 f"UNet expects latents of shape (B, {config.in_channels}, h, w), got "
                 f"{tuple(x.shape)}. Pass latents from the VAE this U-Net was configured for."
             )
-        batch, height, width = x.shape[0], x.shape[2], x.shape[3]
+        height, width = x.shape[2], x.shape[3]
         factor = config.downsample_factor
         if height % factor or width % factor:
             raise ValueError(
@@ -288,30 +326,6 @@ class UNet(nn.Module):
                 f"the first), got {height}×{width}. Use latents whose sides are multiples of "
                 f"{factor}, or fewer channel_multipliers."
             )
-        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != config.context_dim:
-            raise ValueError(
-                f"UNet expects text context of shape ({batch}, L, {config.context_dim}), got "
-                f"{tuple(context.shape)}. Check the text encoder's width against "
-                "UNetConfig.context_dim and that context and latents have the same batch."
-            )
-        if context_mask is not None and (
-            context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]
-        ):
-            raise ValueError(
-                f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} "
-                f"(True = real token), got {context_mask.dtype} {tuple(context_mask.shape)}."
-            )
-        if context_mask is not None and not bool(context_mask.any(dim=1).all()):
-            raise ValueError(
-                "context_mask hides every token of some caption, which leaves cross-attention "
-                "nothing to attend to (NaN). Keep at least the start token visible."
-            )
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(
-                f"UNet expects timesteps of shape ({batch},) or a single number, got "
-                f"{tuple(t.shape)}."
-            )
-        return t
+        return checked_conditioning(
+            "UNet", x, t, context, context_mask, context_dim=config.context_dim
+        )

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig
 from PIL import Image
 
 from ldm.data.images import ImageReadError, read_rgb_image
+from ldm.diffusion import ScheduleConfig
 from ldm.pipeline import COMPILE_MODES, SamplingOptions
 from ldm.sampling.errors import SamplingError
 
@@ -64,15 +65,16 @@ class SampleRequest:
             yield jobs[start : start + self.batch_size]
 
 
-def request_from_config(cfg: DictConfig, num_train_timesteps: int) -> SampleRequest:
+def request_from_config(cfg: DictConfig, diffusion: ScheduleConfig) -> SampleRequest:
     """Parse and check the sampling keys of ``conf/sample.yaml``; the init image is read here.
 
-    ``num_train_timesteps`` is the loaded checkpoint's T, the most sampling steps it has.
+    ``diffusion`` is the loaded checkpoint's: its objective names the samplers that fit, and
+    its T bounds a ddpm model's sampling steps.
     """
     init_path = None if cfg.init_image is None else Path(cfg.init_image)
     try:
         options = SamplingOptions.checked(
-            num_train_timesteps=num_train_timesteps,
+            diffusion=diffusion,
             sampler=cfg.sampler,
             steps=cfg.steps,
             cfg_scale=cfg.cfg_scale,

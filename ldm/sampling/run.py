@@ -19,7 +19,7 @@ from PIL import Image
 
 from ldm.data.transforms import image_to_model_tensor
 from ldm.devices import DeviceSettings, DeviceUnavailableError, resolve_device
-from ldm.diffusion import NoiseSchedule, ScheduleConfig
+from ldm.diffusion import ScheduleConfig, make_schedule
 from ldm.exports import SamplingCheckpoint, load_unet_for_sampling, load_vae_export
 from ldm.models.vae import VAE
 from ldm.pipeline import LatentDiffusionPipeline
@@ -57,8 +57,8 @@ def run_sampling(cfg: DictConfig) -> SamplingResult:
         )
     device = sampling_device(cfg.trainer)
     checkpoint = load_sampling_checkpoint(cfg.ckpt, cfg.weights)
-    schedule = NoiseSchedule(ScheduleConfig(**checkpoint.diffusion))
-    request = request_from_config(cfg, schedule.num_train_timesteps)
+    schedule = make_schedule(ScheduleConfig(**checkpoint.diffusion))
+    request = request_from_config(cfg, schedule.config)
     vae = load_matching_vae(checkpoint, cfg.vae_export)
     text_encoder = load_text_encoder(checkpoint)
     warn_about_cut_prompts(
@@ -69,7 +69,7 @@ def run_sampling(cfg: DictConfig) -> SamplingResult:
         vae=vae,
         text_encoder=text_encoder,
         schedule=schedule,
-        latent_scale=checkpoint.latent_scale,
+        latent_normalizer=checkpoint.latent_normalizer,
         latent_shape=checkpoint.latent_shape,
         context_length=checkpoint.context_length,
         device=device.torch_device,

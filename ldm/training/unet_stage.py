@@ -14,10 +14,13 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from ldm.caches.datamodule import LatentDataModule
 from ldm.config import plain
 from ldm.data.config import DataConfig
+from ldm.diffusion import ScheduleConfig
 from ldm.evaluation.adherence import prompt_sets
 from ldm.evaluation.fid import FidSettings
 from ldm.evaluation.validation_data import load_validation_set
 from ldm.exports import load_vae_export, save_unet_export
+from ldm.latent_norm import LatentNormalizer
+from ldm.models.denoiser import denoiser_config
 from ldm.models.vae import VAE
 from ldm.pipeline import SamplingOptions
 from ldm.runs import RunContext
@@ -52,15 +55,32 @@ def load_fitting_vae(cfg: DictConfig) -> tuple[VAE, dict[str, Any]]:
     return vae, vae_metadata
 
 
+def latent_normalizer(cfg: DictConfig, vae_metadata: dict[str, Any]) -> LatentNormalizer:
+    """The ``cfg.latent_norm`` normalisation from the VAE export's latent statistics, refused
+    before any work when the choice is unknown or the statistics cannot define it."""
+    try:
+        return LatentNormalizer.from_latent_stats(
+            cfg.latent_norm,
+            vae_metadata.get("latent_stats", {}),
+            latent_channels=vae_metadata["model_config"]["latent_channels"],
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"Cannot normalise the latents of vae_export={cfg.vae_export}: {error}"
+        ) from None
+
+
 def check_inputs_fit(cfg: DictConfig, vae_metadata: dict[str, Any]) -> None:
     """Refuse, before any work, a VAE whose latents or image size do not fit this run."""
+    name = cfg.model.denoiser
+    denoiser = denoiser_config(name, plain(cfg.model[name]))
     latent_channels = vae_metadata["model_config"]["latent_channels"]
-    unet_channels = cfg.model.unet.in_channels
-    if latent_channels != unet_channels or cfg.model.unet.out_channels != latent_channels:
+    if latent_channels != denoiser.in_channels or denoiser.out_channels != latent_channels:
         raise ValueError(
-            f"The VAE export has {latent_channels} latent channels but the U-Net is configured "
-            f"for in/out {unet_channels}/{cfg.model.unet.out_channels}: set "
-            f"model.unet.in_channels={latent_channels} model.unet.out_channels={latent_channels}."
+            f"The VAE export has {latent_channels} latent channels but the denoiser ({name}) is "
+            f"configured for in/out {denoiser.in_channels}/{denoiser.out_channels}: set "
+            f"model.{name}.in_channels={latent_channels} "
+            f"model.{name}.out_channels={latent_channels}."
         )
     trained_size = vae_metadata.get("extra", {}).get("image_size")
     if trained_size is not None and trained_size != cfg.data.image_size:
@@ -71,11 +91,16 @@ def check_inputs_fit(cfg: DictConfig, vae_metadata: dict[str, Any]) -> None:
         )
     downsample = 2 ** (len(vae_metadata["model_config"]["block_channels"]) - 1)
     latent_side = cfg.data.image_size // downsample
-    unet_factor = 2 ** (len(cfg.model.unet.channel_multipliers) - 1)
-    if latent_side % unet_factor:
+    factor = denoiser.downsample_factor
+    if latent_side % factor:
+        fix = {
+            "unet": "use fewer model.unet.channel_multipliers",
+            "dit": f"use a model.dit.patch_size that divides {latent_side}",
+        }[name]
         raise ValueError(
-            f"{latent_side}×{latent_side} latents cannot be halved {unet_factor.bit_length() - 1} "
-            "times by the U-Net: use fewer model.unet.channel_multipliers or a larger image size."
+            f"{latent_side}×{latent_side} latents do not divide into the {name}'s "
+            f"{factor}×{factor} cells (U-Net: 2× per level; DiT: its patches): {fix}, or a "
+            "larger image size."
         )
 
 
@@ -102,6 +127,7 @@ def open_caches(cfg: DictConfig, run: RunContext) -> LatentDataModule:
 
 def _build(cfg: DictConfig, run: RunContext) -> StageParts:
     vae, vae_metadata = load_fitting_vae(cfg)
+    normalizer = latent_normalizer(cfg, vae_metadata)
     fid = _fid_metric(cfg)  # Inception loaded now: without its weights, stop before any caching
     datamodule = open_caches(cfg, run)
     num_positions = datamodule.text_num_positions
@@ -118,12 +144,13 @@ def _build(cfg: DictConfig, run: RunContext) -> StageParts:
     # weights depend on the seed alone.
     torch.manual_seed(run.seed)
     module = LatentDiffusionModule(
-        unet=plain(cfg.model.unet),
+        unet=plain(cfg.model[cfg.model.denoiser]),  # the denoiser's config section
+        denoiser=cfg.model.denoiser,
         diffusion=plain(cfg.diffusion),
         optim=plain(cfg.optim),
         ema=plain(cfg.ema),
         cond_dropout=cfg.cond_dropout,
-        latent_scale=datamodule.scale_factor,
+        latent_norm=normalizer.describe(),
         latent_shape=list(datamodule.latents["train"].latent_shape),
         context_length=num_positions,
         validation=plain(cfg.validation),
@@ -203,7 +230,8 @@ def _evaluation_sampling(cfg: DictConfig) -> SamplingOptions:
     """``evaluation.sampling``, checked before training rather than at the first measurement."""
     try:
         return SamplingOptions.checked(
-            num_train_timesteps=cfg.diffusion.num_train_timesteps, **plain(cfg.evaluation.sampling)
+            diffusion=ScheduleConfig.from_dict(plain(cfg.diffusion)),
+            **plain(cfg.evaluation.sampling),
         )
     except ValueError as error:
         raise ValueError(f"evaluation.sampling: {error}") from None
