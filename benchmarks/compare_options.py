@@ -57,6 +57,7 @@ OPTIONS: dict[str, Option] = {
     "noise_offset=0.1": Option(("diffusion.noise_offset=0.1",)),
     "input_perturbation=0.1": Option(("diffusion.input_perturbation=0.1",)),
     "denoiser=dit": Option(("model.denoiser=dit",)),
+    "pooled_text": Option(("model.unet.pooled_text=true",)),
 }
 
 
