@@ -63,6 +63,7 @@ TINY_VAE_RUN = [
 # that VAE (32 px images).
 TINY_UNET_RUN = [
     "experiment=demo",
+    "model.denoiser=unet",  # the demo trains a DiT; these runs a tiny U-Net
     "data.image_size=32",
     "model.unet.model_channels=16",
     "model.unet.channel_multipliers=[1,2]",

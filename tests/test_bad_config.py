@@ -40,6 +40,7 @@ VAE_TINY = [
 ]
 UNET_TINY = [
     "experiment=demo",
+    "model.denoiser=unet",  # the demo trains a DiT; these runs a tiny U-Net
     f"data.image_size={IMAGE_SIZE_PX}",
     "data.batch_size=8",
     "model.unet.model_channels=16",

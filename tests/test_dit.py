@@ -41,12 +41,13 @@ from ldm.training.unet_stage import check_inputs_fit, run_unet_stage
 CONTEXT_DIM = 16
 # Two blocks of width 32 in 2×2 patches: a few 10k parameters.
 TINY = DiTConfig(hidden_dim=32, depth=2, attention_head_dim=16, context_dim=CONTEXT_DIM)
-# The DiT of the stage run below, over the tiny U-Net run's 4×16×16 latents.
+# The DiT of the stage run below, over the tiny U-Net run's 4×16×16 latents, with a text refiner.
 TINY_DIT_RUN = [
     "model.denoiser=dit",
     "model.dit.hidden_dim=32",
     "model.dit.depth=2",
     "model.dit.attention_head_dim=16",
+    "model.dit.text_refiner_layers=1",  # the refiner through training, export and sampling
 ]
 
 
@@ -262,7 +263,7 @@ def test_an_unknown_denoiser_name_is_refused_with_the_choices() -> None:
 
 def test_model_dit_selects_the_dit_with_the_text_width_of_the_unet() -> None:
     real = compose_config("train_unet", ["model=dit"])
-    demo = compose_config("train_unet", ["experiment=demo", "model.denoiser=dit"])
+    demo = compose_config("train_unet", ["experiment=demo"])  # the demo's denoiser is the DiT
     assert real.model.denoiser == demo.model.denoiser == "dit"
     assert real.model.dit.context_dim == real.model.unet.context_dim
     assert demo.model.dit.context_dim == demo.model.unet.context_dim != real.model.dit.context_dim

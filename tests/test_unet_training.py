@@ -17,6 +17,7 @@ from ldm.training.unet_stage import _adherence_curves, check_inputs_fit, run_une
 TINY_VAE = VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8)
 TINY = [
     "experiment=demo",
+    "model.denoiser=unet",  # the demo trains a DiT; these runs a tiny U-Net
     "data.image_size=32",
     "data.batch_size=8",
     "model.unet.model_channels=16",

@@ -91,6 +91,7 @@ class UNetSchema:
     dropout: float = MISSING
     norm_groups: int = MISSING
     pooled_text: bool = MISSING
+    text_refiner_layers: int = MISSING
 
 
 @dataclass
@@ -103,6 +104,7 @@ class DiTSchema:
     attention_head_dim: int = MISSING
     context_dim: int = MISSING
     dropout: float = MISSING
+    text_refiner_layers: int = MISSING
 
 
 @dataclass

@@ -27,6 +27,7 @@ from ldm.config.parse import dataclass_from_dict
 from ldm.models.attention import GEGLUFeedForward, MultiHeadAttention
 from ldm.models.blocks import TimestepEmbedding, sinusoidal_timestep_embedding
 from ldm.models.conditioning import checked_conditioning
+from ldm.models.text_refiner import TextRefiner, check_text_refiner
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class DiTConfig:
     attention_head_dim: int = 32
     context_dim: int = 512
     dropout: float = 0.0
+    text_refiner_layers: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -73,6 +75,7 @@ class DiTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"DiTConfig.dropout must be in [0, 1), got {self.dropout}.")
+        check_text_refiner("DiTConfig", self.text_refiner_layers)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DiTConfig":
@@ -80,6 +83,12 @@ class DiTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def attended_context_dim(self) -> int:
+        """Width of the text states cross-attention reads: the encoder's, or with a text
+        refiner the blocks' own width, at which the refiner works."""
+        return self.hidden_dim if self.text_refiner_layers else self.context_dim
 
     @property
     def downsample_factor(self) -> int:
@@ -135,7 +144,10 @@ class DiTBlock(nn.Module):
         )
         self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
         self.cross_attention = MultiHeadAttention(
-            dim, context_dim=config.context_dim, head_dim=head_dim, dropout=config.dropout
+            dim,
+            context_dim=config.attended_context_dim,
+            head_dim=head_dim,
+            dropout=config.dropout,
         )
         zero_init(self.cross_attention.to_out[0])
         self.norm_ff = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -171,6 +183,13 @@ class DiT(nn.Module):
         # A conv whose kernel is its stride: one linear map of each patch's cells to a token.
         self.patchify = nn.Conv2d(config.in_channels, dim, kernel_size=patch, stride=patch)
         self.time_embedding = TimestepEmbedding(dim, dim)
+        self.text_refiner = TextRefiner(
+            config.context_dim,
+            width=config.attended_context_dim,
+            layers=config.text_refiner_layers,
+            head_dim=config.attention_head_dim,
+            dropout=config.dropout,
+        )
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.modulation_out = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(dim, 2 * dim)))
@@ -192,6 +211,7 @@ class DiT(nn.Module):
         t = self._check_inputs(x, t, context, context_mask)
         patch = self.config.patch_size
         rows, columns = x.shape[2] // patch, x.shape[3] // patch
+        context = self.text_refiner(context, context_mask)  # (B, L, attended_context_dim)
         time_emb = self.time_embedding(t)  # (B, D)
 
         tokens = rearrange(self.patchify(x), "b d h w -> b (h w) d")  # (B, N = hw/p², D)

@@ -17,6 +17,7 @@ from ldm.config.parse import dataclass_from_dict
 from ldm.models.attention import MultiHeadAttention, SpatialTransformer
 from ldm.models.blocks import Downsample, ResnetBlock, TimestepEmbedding, Upsample, group_norm
 from ldm.models.conditioning import checked_conditioning
+from ldm.models.text_refiner import TextRefiner, check_text_refiner
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 32
     pooled_text: bool = False
+    text_refiner_layers: int = 0
 
     def __post_init__(self) -> None:
         # Accept lists from JSON/Hydra but store tuples so the config stays hashable.
@@ -100,12 +102,13 @@ class UNetConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}.")
-        if self.pooled_text and self.context_dim % self.attention_head_dim != 0:
+        if self.pooled_text and self.attended_context_dim % self.attention_head_dim != 0:
             raise ValueError(
                 f"UNetConfig.pooled_text pools the text with attention heads of width "
                 f"attention_head_dim={self.attention_head_dim}, which must divide "
                 f"context_dim={self.context_dim}."
             )
+        check_text_refiner("UNetConfig", self.text_refiner_layers)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "UNetConfig":
@@ -117,6 +120,14 @@ class UNetConfig:
         values["channel_multipliers"] = list(self.channel_multipliers)
         values["transformer_levels"] = list(self.transformer_levels)
         return values
+
+    @property
+    def attended_context_dim(self) -> int:
+        """Width of the text states cross-attention reads: the encoder's, or with a text
+        refiner the middle block's width, at which the refiner works."""
+        if self.text_refiner_layers:
+            return self.model_channels * self.channel_multipliers[-1]
+        return self.context_dim
 
     @property
     def downsample_factor(self) -> int:
@@ -142,7 +153,7 @@ class ConditionedBlock(nn.Module):
         self.transformer = (
             SpatialTransformer(
                 out_ch,
-                context_dim=config.context_dim,
+                context_dim=config.attended_context_dim,
                 head_dim=config.attention_head_dim,
                 depth=config.transformer_depth,
                 dropout=config.dropout,
@@ -212,8 +223,15 @@ class UNet(nn.Module):
         # 4× the base width, as in the DDPM/ADM U-Nets.
         time_emb_ch = 4 * config.model_channels
         self.time_embedding = TimestepEmbedding(config.model_channels, time_emb_ch)
+        self.text_refiner = TextRefiner(
+            config.context_dim,
+            width=config.attended_context_dim,
+            layers=config.text_refiner_layers,
+            head_dim=config.attention_head_dim,
+            dropout=config.dropout,
+        )
         self.text_pooling = (
-            TextPooling(config.context_dim, time_emb_ch, config.attention_head_dim)
+            TextPooling(config.attended_context_dim, time_emb_ch, config.attention_head_dim)
             if config.pooled_text
             else None
         )
@@ -282,6 +300,7 @@ class UNet(nn.Module):
         batch. `context_mask` (B, L), True for real tokens, hides padding from cross-attention.
         """
         t = self._check_inputs(x, t, context, context_mask)
+        context = self.text_refiner(context, context_mask)  # (B, L, attended_context_dim)
         time_emb = self.time_embedding(t)  # (B, 4·model_channels)
         if self.text_pooling is not None:
             time_emb = time_emb + self.text_pooling(context, context_mask)
