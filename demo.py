@@ -49,7 +49,7 @@ def demo_stages(prompt: str, variant: str, data_root: Path, out_dir: Path) -> li
     return [
         Stage("synthetic data", generate),
         Stage("VAE (stage 1)", [python, "train_vae.py", *demo]),
-        Stage("U-Net (stage 2, caches included)", [python, "train_unet.py", *demo]),
+        Stage("denoiser (stage 2, caches included)", [python, "train_unet.py", *demo]),
         Stage(
             "samples",
             [

@@ -7,7 +7,7 @@ per attribute, the final validation loss and the wall time, from one command.
 Every option is one config switch on top of ``experiment=demo`` (the same data, VAE, epochs,
 seed and sampling settings), so a row differs from the default in that switch alone. The VAE is
 trained once (or given with ``--vae-export``) and the stage-2 caches are built once before the
-first timed run, so the wall times compare the U-Net training runs themselves. Samples are judged
+first timed run, so the wall times compare the stage-2 training runs themselves. Samples are judged
 by ``evaluate.py metrics=[adherence]`` at the demo's sampling settings (DDIM 25 steps, CFG 3; the
 flow-matching objective samples with its Euler solver at the same step count). Writes
 ``comparison.json`` and ``comparison.md`` into the output folder and prints the table.
@@ -56,8 +56,9 @@ OPTIONS: dict[str, Option] = {
     ),
     "noise_offset=0.1": Option(("diffusion.noise_offset=0.1",)),
     "input_perturbation=0.1": Option(("diffusion.input_perturbation=0.1",)),
-    "denoiser=dit": Option(("model.denoiser=dit",)),
-    "pooled_text": Option(("model.unet.pooled_text=true",)),
+    "text_refiner_layers=0": Option(("model.dit.text_refiner_layers=0",)),
+    "denoiser=unet": Option(("model.denoiser=unet",), note="the demo's U-Net, no refiner"),
+    "unet+pooled_text": Option(("model.denoiser=unet", "model.unet.pooled_text=true")),
 }
 
 
