@@ -11,7 +11,7 @@ import huggingface_hub
 import open_clip
 import pytest
 import torch
-from helpers import TINY_CLIP
+from helpers import TINY_CLIP, TINY_CLIP_CONFIG
 from torch import nn
 
 from ldm.text import (
@@ -270,3 +270,52 @@ def test_unknown_config_keys_are_refused() -> None:
         ValueError, match=r"text_encoder\.pretrainde=None: did you mean .*pretrained\?"
     ):
         TextEncoderConfig.from_dict({"pretrainde": None})
+
+
+def test_clip_skip_takes_the_states_of_an_earlier_block_through_the_final_norm(
+    tiny_encoder: FrozenTextEncoder,
+) -> None:
+    model = tiny_encoder.model
+    tokens = tiny_encoder.tokenize(PROMPTS)
+    with torch.no_grad():
+        x = model.token_embedding(tokens) + model.positional_embedding
+        if not model.transformer.batch_first:
+            x = x.transpose(0, 1)
+        x = model.transformer.resblocks[0](x, attn_mask=model.attn_mask)
+        if not model.transformer.batch_first:
+            x = x.transpose(0, 1)
+        after_first_block = model.ln_final(x)
+    num_layers = len(model.transformer.resblocks)
+    skipping = FrozenTextEncoder(tiny_config(clip_skip=num_layers - 1))
+    torch.testing.assert_close(skipping.encode(PROMPTS).hidden_states, after_first_block)
+
+
+def test_skipping_every_block_leaves_each_word_blind_to_the_words_before_it() -> None:
+    """With every block skipped a state is its word and position alone: "circle" after "red"
+    equals "circle" after "blue". Through the blocks it depends on the words before it."""
+    prompts = ["a red circle", "a blue circle"]
+    circle = 3  # start marker, "a", colour, "circle"
+    full = FrozenTextEncoder(tiny_config()).encode(prompts).hidden_states
+    num_layers = TINY_CLIP_CONFIG["text_cfg"]["layers"]
+    embeddings_only = FrozenTextEncoder(tiny_config(clip_skip=num_layers))
+    states = embeddings_only.encode(prompts).hidden_states
+    torch.testing.assert_close(states[0, circle], states[1, circle])
+    assert not torch.allclose(states[0, circle - 1], states[1, circle - 1])
+    assert not torch.allclose(full[0, circle], full[1, circle], atol=1e-4)
+
+
+def test_clip_skip_beyond_the_towers_depth_is_refused_naming_the_range() -> None:
+    with pytest.raises(ValueError, match=r"text_encoder\.clip_skip=9 skips more .* use 0\.\.2"):
+        FrozenTextEncoder(tiny_config(clip_skip=9))
+    with pytest.raises(ValueError, match=r"text_encoder\.clip_skip must be a non-negative"):
+        tiny_config(clip_skip=-1)
+
+
+def test_clip_skip_changes_the_fingerprint_but_zero_keeps_the_one_caches_were_built_with() -> None:
+    assert tiny_config(clip_skip=1).fingerprint() != tiny_config().fingerprint()
+    assert set(tiny_config().fingerprint()) == {"model_name", "max_length", "weights"}
+
+
+def test_an_export_written_before_clip_skip_existed_loads_with_every_layer() -> None:
+    older = {"model_name": "ViT-B-32", "pretrained": None, "weights_file": None}
+    assert TextEncoderConfig.from_dict({**older, "max_length": 77, "seed": 0}).clip_skip == 0

@@ -96,7 +96,7 @@ def test_lightning_checkpoint_records_vae_scale_text_encoder_and_schedule(traine
     assert hparams["latent_norm"] == {"kind": "global", "scale_factor": 0.5}
     assert hparams["provenance"]["vae_weights_sha256"]
     assert hparams["provenance"]["text_encoder"]["model_name"] == cfg.text_encoder.model_name
-    assert hparams["diffusion"]["beta_schedule"] == "linear"
+    assert hparams["diffusion"]["beta_schedule"] == cfg.diffusion.beta_schedule == "scaled_linear"
     assert not any(key.startswith(("text_encoder", "_vae", "vae.")) for key in state["state_dict"])
     assert any(key.startswith("ema.") for key in state["state_dict"])
 

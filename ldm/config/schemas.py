@@ -250,6 +250,7 @@ class TextEncoderSchema:
     weights_file: str | None = MISSING
     max_length: int = MISSING
     seed: int = MISSING
+    clip_skip: int = MISSING
 
 
 @dataclass

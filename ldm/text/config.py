@@ -29,6 +29,9 @@ class TextEncoderConfig:
     ``pretrained`` tag (downloaded once into the Hugging Face cache), else — ``pretrained: null``
     — from a random initialisation seeded by ``seed``, which the demo and the tests use because
     they cannot download anything.
+
+    ``clip_skip`` leaves out the last N transformer blocks (diffusers' ``clip_skip``; SD 2 uses
+    the penultimate layer, N = 1): the hidden states after block L - N, then the final layer norm.
     """
 
     model_name: str = "ViT-B-32"
@@ -36,6 +39,7 @@ class TextEncoderConfig:
     weights_file: Path | None = None
     max_length: int = 77
     seed: int = 0
+    clip_skip: int = 0
 
     def __post_init__(self) -> None:
         if self.weights_file is not None:
@@ -49,6 +53,11 @@ class TextEncoderConfig:
             raise ValueError(
                 f"text_encoder.max_length must be an integer of at least 2 (start and end "
                 f"tokens), got {self.max_length!r}."
+            )
+        if not isinstance(self.clip_skip, int) or self.clip_skip < 0:
+            raise ValueError(
+                f"text_encoder.clip_skip must be a non-negative integer (0 uses every layer), "
+                f"got {self.clip_skip!r}."
             )
 
     @classmethod
@@ -90,4 +99,8 @@ class TextEncoderConfig:
             weights = f"open_clip:{self.pretrained}"
         else:
             weights = f"random-init:seed={self.seed}:open_clip={open_clip.__version__}"
-        return {"model_name": self.model_name, "max_length": self.max_length, "weights": weights}
+        fingerprint = {"model_name": self.model_name, "max_length": self.max_length}
+        fingerprint["weights"] = weights
+        if self.clip_skip:  # absent at 0, so caches built before the option still match
+            fingerprint["clip_skip"] = self.clip_skip
+        return fingerprint

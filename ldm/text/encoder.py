@@ -59,6 +59,14 @@ class FrozenTextEncoder(nn.Module):
                 f"{config.model_name}'s text transformer is not causal; the cached, truncated "
                 "hidden states this project relies on need a causal one (e.g. ViT-B-32)."
             )
+        num_layers = len(self.model.transformer.resblocks)
+        if config.clip_skip > num_layers:
+            raise ValueError(
+                f"text_encoder.clip_skip={config.clip_skip} skips more than the {num_layers} "
+                f"transformer blocks of {config.model_name}; use 0..{num_layers} ({num_layers} "
+                "keeps only the word and position embeddings)."
+            )
+        self._blocks_used = num_layers - config.clip_skip
         tokenizer = open_clip.get_tokenizer(config.model_name)
         if not isinstance(tokenizer, open_clip.SimpleTokenizer):
             raise ValueError(
@@ -168,7 +176,13 @@ class FrozenTextEncoder(nn.Module):
             x = model.token_embedding(tokens)  # (B, n, width)
             x = x + model.positional_embedding[:num_positions]
             causal_mask = model.attn_mask[:num_positions, :num_positions]  # (n, n)
-            x = model.transformer(x, attn_mask=causal_mask)
+            transformer = model.transformer
+            if not transformer.batch_first:
+                x = x.transpose(0, 1)  # (n, B, width)
+            for block in transformer.resblocks[: self._blocks_used]:  # clip_skip leaves the rest
+                x = block(x, attn_mask=causal_mask)
+            if not transformer.batch_first:
+                x = x.transpose(0, 1)
             return model.ln_final(x)  # (B, n, width)
 
 
