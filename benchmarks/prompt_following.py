@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from PIL import Image
-from report import DEVICE_CHOICES, BenchmarkError, pick_device
+from report import DEVICE_CHOICES, BenchmarkError, accuracy_row, pick_device
 
 import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.evaluation import adherence
@@ -34,12 +34,6 @@ from ldm.sampling import (
 )
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def _row(label: str, scores: dict[str, float], count: int | None = None) -> str:
-    shown = "  ".join(f"{name} {100 * value:5.1f}%" for name, value in scores.items())
-    images = f"{count:3d} images" if count is not None else " " * 10
-    return f"{label:12s} {images}  {shown}"
 
 
 def main() -> None:
@@ -76,15 +70,15 @@ def main() -> None:
         f"{cfg.ckpt} | synthetic variant {variant} ({root}) | {cfg.sampler}, {cfg.steps} steps, "
         f"cfg_scale {cfg.cfg_scale}, n={cfg.n}"
     )
-    print(_row("analyser", check.accuracy, check.num_images))
+    print(accuracy_row("analyser", check.accuracy, check.num_images))
     scores = adherence.measure_adherence(
         adherence.prompt_sets(root, int(options.get("prompts", 12))), samples
     )
     for split, result in scores.items():
-        print(_row(split, result.accuracy, result.num_images))
+        print(accuracy_row(split, result.accuracy, result.num_images))
     ceiling = adherence.vae_ceiling(load_matching_vae(checkpoint).eval(), root, size, 100)
-    print(_row("VAE ceiling", ceiling.accuracy, ceiling.num_images))
-    print(_row("chance", adherence.CHANCE_LEVELS))
+    print(accuracy_row("VAE ceiling", ceiling.accuracy, ceiling.num_images))
+    print(accuracy_row("chance", adherence.CHANCE_LEVELS))
 
 
 if __name__ == "__main__":

@@ -247,3 +247,10 @@ def _jsonable(value: object) -> object:
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     raise TypeError(f"Cannot write {type(value).__name__} to JSON")
+
+
+def accuracy_row(label: str, scores: dict[str, float], count: int | None = None) -> str:
+    """One line of a per-attribute accuracy table, in percent."""
+    shown = "  ".join(f"{name} {100 * value:5.1f}%" for name, value in scores.items())
+    images = f"{count:3d} images" if count is not None else " " * 10
+    return f"{label:12s} {images}  {shown}"

@@ -28,6 +28,7 @@ from test_sample import (  # the sampling tests' tiny exports
 )
 from torch import nn
 
+from ldm.data.synthetic import SHAPES, prompt_caption
 from ldm.diffusion import ScheduleConfig
 from ldm.evaluation import adherence, reconstruction, run_evaluation
 from ldm.evaluation.clip_score import ClipScorer, ClipScoreSettings
@@ -235,6 +236,43 @@ def test_corrupted_analyser_fails_its_check_and_evaluation_refuses_to_judge(
     message = main_fails(cfg)
     assert "analyser" in message and "shape" in message and "99%" in message
     assert not list((tmp_path / "out").glob("samples/**/*.png"))  # refused before sampling
+
+
+def test_renoised_adherence_judges_each_denoised_image_against_what_was_drawn(
+    synthetic_root,
+) -> None:
+    """A denoiser that keeps its input scores 100% everywhere; one that turns every picture
+    upside down at high strength (a triangle then has its mass high: not a triangle) loses
+    exactly the triangles, in the triangle row and in "all", and nothing else."""
+    spec = adherence.dataset_config(synthetic_root).variant_spec
+    drawn = [attributes for _, attributes in adherence.generator_images(synthetic_root)]
+    calls = []
+
+    def flips_at_high_strength(prompts, images, strength):
+        calls.append((prompts, images.shape, strength))
+        return images.flip(2) if strength > 0.5 else images
+
+    scores = adherence.renoised_adherence(
+        flips_at_high_strength, synthetic_root, 32, [0.2, 0.8], images_per_shape=2
+    )
+    first_two = [[a for a in drawn if a["shape"] == shape][:2] for shape in SHAPES]
+    expected_prompts = [prompt_caption(a, spec) for chosen in first_two for a in chosen]
+    assert [call[0] for call in calls] == [expected_prompts] * 2
+    assert calls[0][1] == (len(expected_prompts), 3, 32, 32) and [c[2] for c in calls] == [0.2, 0.8]
+    assert set(scores) == {0.2, 0.8}
+    for name, result in scores[0.2].items():
+        assert result.accuracy == dict.fromkeys(adherence.ATTRIBUTES, 1.0), name
+    flipped = scores[0.8]
+    assert flipped["triangle"].accuracy["shape"] == 0.0
+    assert flipped["circle"].accuracy["shape"] == flipped["square"].accuracy["shape"] == 1.0
+    assert flipped["all"].accuracy["shape"] == pytest.approx(4 / 6)
+    assert flipped["all"].accuracy["color"] == flipped["all"].accuracy["background"] == 1.0
+    assert {name: r.num_images for name, r in flipped.items()} == {
+        "all": 6,
+        "circle": 2,
+        "square": 2,
+        "triangle": 2,
+    }
 
 
 # ---- the record of a run ------------------------------------------------------------------------

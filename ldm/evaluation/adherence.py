@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from ldm.data.synthetic import (
+    SHAPES,
     SIZES,
     SPLIT_FOLDERS,
     Palette,
@@ -36,6 +37,7 @@ from ldm.data.synthetic import (
     read_attributes,
     split_combinations,
 )
+from ldm.data.transforms import model_tensor_to_uint8, to_model_range
 from ldm.evaluation.errors import EvaluationError
 from ldm.evaluation.pixels import eval_pixels
 from ldm.evaluation.reconstruction import reconstruct
@@ -50,6 +52,8 @@ PROMPT_SPLITS = {"train": 1, "heldout": 2}
 Attributes = dict[str, str]
 # (split, prompts) → (prompt, image) pairs, one or more per prompt; how is the caller's business.
 Generate = Callable[[str, list[str]], Iterable[tuple[str, Image.Image | np.ndarray]]]
+# (prompts, images (B, 3, H, W) in [-1, 1], img2img strength) → the model's images, same layout.
+Denoise = Callable[[list[str], torch.Tensor, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -169,9 +173,11 @@ def measure_adherence(prompts: PromptSets, generate: Generate) -> dict[str, Spli
     return results
 
 
-def generator_images(data_root: Path, max_images: int) -> list[tuple[Path, Attributes]]:
+def generator_images(
+    data_root: Path, max_images: int | None = None
+) -> list[tuple[Path, Attributes]]:
     """Validation and held-out images of the synthetic set with the attributes the generator
-    recorded for them."""
+    recorded for them (the first ``max_images``; None: all)."""
     pairs: list[tuple[Path, Attributes]] = []
     for split in ("val", "heldout"):
         folder = SPLIT_FOLDERS[split]
@@ -220,6 +226,48 @@ def vae_ceiling(vae: VAE, data_root: Path, resolution_px: int, num_images: int) 
         original = eval_pixels(Image.open(path), resolution_px)
         judged.append((drawn, _as_array(reconstruct(vae, original[None])[0].cpu())))
     return SplitAdherence(attribute_accuracy(judged, palette), len(judged))
+
+
+def renoised_adherence(
+    denoise: Denoise,
+    data_root: Path,
+    resolution_px: int,
+    strengths: Sequence[float],
+    images_per_shape: int,
+) -> dict[float, dict[str, SplitAdherence]]:
+    """Where along the sampling chain a model loses what a picture shows.
+
+    Generator images are noised to the level an img2img ``strength`` starts from and denoised
+    with their own prompt, then judged against what was drawn: a small strength runs only the
+    last, low-noise steps (what fails there is detail the denoiser cannot keep), a large one
+    nearly the whole chain. Scores come per drawn shape and for "all", since a model can keep
+    every circle and round off every square; the VAE ceiling is the strength-0 end.
+    """
+    spec = dataset_config(data_root).variant_spec
+    by_shape: dict[str, list[tuple[Path, Attributes]]] = {shape: [] for shape in SHAPES}
+    for path, drawn in generator_images(data_root):
+        by_shape[drawn["shape"]].append((path, drawn))
+    chosen = [pair for pairs in by_shape.values() for pair in pairs[:images_per_shape]]
+    if not chosen:
+        raise EvaluationError(f"No generator images under {data_root} to renoise.")
+    prompts = [prompt_caption(drawn, spec) for _, drawn in chosen]
+    originals = torch.stack([eval_pixels(Image.open(path), resolution_px) for path, _ in chosen])
+    results = {}
+    for strength in strengths:
+        denoised = model_tensor_to_uint8(denoise(prompts, to_model_range(originals), strength))
+        judged = [
+            (drawn, _as_array(image.cpu()))
+            for (_, drawn), image in zip(chosen, denoised, strict=True)
+        ]
+        groups = {"all": judged} | {
+            shape: [pair for pair in judged if pair[0]["shape"] == shape] for shape in SHAPES
+        }
+        results[strength] = {
+            name: SplitAdherence(attribute_accuracy(group, spec.palette), len(group))
+            for name, group in groups.items()
+            if group
+        }
+    return results
 
 
 def _as_array(pixels: torch.Tensor) -> np.ndarray:
