@@ -17,6 +17,7 @@ palette all come from that set's ``synthetic.json``.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from report import DEVICE_CHOICES, BenchmarkError, accuracy_row, pick_device
 
 import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.evaluation import adherence
+from ldm.evaluation.errors import EvaluationError
 from ldm.sampling import (
+    SamplingError,
     load_matching_vae,
     load_sampling_checkpoint,
     read_png_metadata,
@@ -82,4 +85,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (SamplingError, EvaluationError) as error:  # already say what is wrong and the fix
+        sys.exit(f"error: {error}")

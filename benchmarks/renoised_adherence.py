@@ -14,6 +14,7 @@ a prompt it did not follow; the measurement is ``ldm.evaluation.adherence.renois
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -24,8 +25,10 @@ from report import DEVICE_CHOICES, BenchmarkError, accuracy_row, pick_device
 import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.diffusion import ScheduleConfig
 from ldm.evaluation import adherence
+from ldm.evaluation.errors import EvaluationError
 from ldm.evaluation.generation import load_sampling_model
 from ldm.pipeline import SamplingOptions
+from ldm.sampling import SamplingError
 from ldm.sampling.run import sampling_device
 
 OWN_OPTIONS = {"strengths": "0.1,0.3,0.5,1", "images_per_shape": "16"}
@@ -61,24 +64,31 @@ def main() -> None:
     root, size = Path(cfg.data.root), model.checkpoint.image_size
     adherence.require_reliable_analyser(adherence.check_analyser(root, size))
 
+    try:  # one check of the sampling options per strength, before any work
+        sampling = {
+            strength: SamplingOptions.checked(
+                diffusion=diffusion,
+                sampler=cfg.sampler,
+                steps=cfg.steps,
+                cfg_scale=cfg.cfg_scale,
+                eta=cfg.eta,
+                strength=None if strength == 1 else strength,
+                image_to_image=strength < 1,
+            )
+            for strength in strengths
+        }
+    except ValueError as error:
+        parser.error(str(error))
+
     def denoise(prompts: list[str], images: torch.Tensor, strength: float) -> torch.Tensor:
         from_scratch = strength == 1
-        sampling = SamplingOptions.checked(
-            diffusion=diffusion,
-            sampler=cfg.sampler,
-            steps=cfg.steps,
-            cfg_scale=cfg.cfg_scale,
-            eta=cfg.eta,
-            strength=None if from_scratch else strength,
-            image_to_image=not from_scratch,
-        )
         seeds = range(cfg.seed, cfg.seed + len(prompts))
         return torch.cat(
             [
                 model.pipeline.generate(
                     prompts[start : start + cfg.batch_size],
                     seeds[start : start + cfg.batch_size],
-                    sampling,
+                    sampling[strength],
                     init_images=None if from_scratch else images[start : start + cfg.batch_size],
                 ).cpu()
                 for start in range(0, len(prompts), cfg.batch_size)
@@ -100,4 +110,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (SamplingError, EvaluationError) as error:  # already say what is wrong and the fix
+        sys.exit(f"error: {error}")
