@@ -10,10 +10,13 @@ Writes results.json (every number with the settings it depends on), results.md, 
 the samples (lossless PNGs) into out_dir (default runs/eval/<date_time>).
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
+from ldm.config.command_line import refuse_null_config_groups
 from ldm.evaluation import EvaluationError, run_evaluation
 from ldm.sampling import SamplingError
 
@@ -29,4 +32,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_null_config_groups(sys.argv[1:])
     main()

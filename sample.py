@@ -10,10 +10,13 @@ Writes one PNG per image (its text chunks record prompt, seed, settings and the 
 fingerprint) and a labelled grid per prompt into out_dir (default runs/samples/<date_time>).
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
+from ldm.config.command_line import refuse_null_config_groups
 from ldm.sampling import SamplingError, run_sampling
 
 
@@ -28,4 +31,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_null_config_groups(sys.argv[1:])
     main()

@@ -6,10 +6,13 @@ python train_unet.py ckpt_path=last     resume the latest run (or ckpt_path=<fil
 python -m ldm.caches [overrides]        only build the caches such a run trains on
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
+from ldm.config.command_line import refuse_null_config_groups
 from ldm.training.unet_stage import run_unet_stage
 
 
@@ -21,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_null_config_groups(sys.argv[1:])
     main()

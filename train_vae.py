@@ -5,10 +5,13 @@ python train_vae.py ckpt_path=last           resume the latest run (or ckpt_path
 python train_vae.py train=false ckpt_path=…  measure and export an existing checkpoint
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
+from ldm.config.command_line import refuse_null_config_groups
 from ldm.training.vae_stage import run_vae_stage
 
 
@@ -21,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_null_config_groups(sys.argv[1:])
     main()

@@ -17,6 +17,7 @@ from helpers import CONF_DIR, SMALL_SYNTHETIC, compose_config
 from hydra import compose, initialize_config_dir
 
 from ldm.config.checks import ConfigCheck
+from ldm.config.command_line import refuse_null_config_groups
 from ldm.config.keys import UnknownConfigKeyError
 from ldm.data.array_store import CacheConfig
 from ldm.data.config import DataConfig
@@ -351,3 +352,34 @@ def test_an_entry_script_refuses_a_run_folder_under_a_file_before_hydra_creates_
     assert completed.returncode != 0
     assert f"lies under {in_the_way}, which is a file" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "options"),
+    [
+        ("train_unet.py", "experiment=null", "demo | none"),
+        ("evaluate.py", "data=null", "coco | synthetic | synthetic_b"),
+    ],
+)
+def test_an_entry_script_refuses_a_config_group_set_to_null_naming_its_options(
+    script: str, override: str, options: str
+) -> None:
+    """Hydra itself fails on ``group=null`` with a traceback from inside its defaults list."""
+    completed = subprocess.run(
+        [sys.executable, script, override],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert completed.returncode != 0
+    assert f"error: {override}: the config group" in completed.stderr
+    assert options in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_null_is_refused_only_for_config_groups() -> None:
+    refuse_null_config_groups(["data.subset=null", "vae_export=null", "experiment=demo"])
+    with pytest.raises(SystemExit, match=r"\+logger=null: the config group 'logger'"):
+        refuse_null_config_groups(["+logger=null"])

@@ -6,11 +6,14 @@ python -m ldm.caches [overrides]     e.g. experiment=demo trainer=cuda data.subs
 Like a training run, it records its config and log in a run folder under ``runs/unet/``.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import ldm.config.schemas  # noqa: F401  (registers the schemas conf/*.yaml name)
 from ldm.config import CONF_DIR
+from ldm.config.command_line import refuse_null_config_groups
 from ldm.runs import start_run
 from ldm.training.unet_stage import load_fitting_vae, open_caches
 
@@ -27,4 +30,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_null_config_groups(sys.argv[1:])
     main()
