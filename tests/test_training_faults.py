@@ -208,21 +208,26 @@ def nonfinite_vae_losses(monkeypatch: pytest.MonkeyPatch, steps: set[int] | rang
     monkeypatch.setattr(VAEModule, "training_step", training_step)
 
 
+@pytest.mark.parametrize(("fused", "last_saved_step"), [(False, 4), (True, 6)])
 def test_a_run_stuck_on_nonfinite_losses_stops_naming_the_steps_and_the_last_checkpoint(
-    synthetic_overrides, tmp_path, monkeypatch
+    synthetic_overrides, tmp_path, monkeypatch, fused: bool, last_saved_step: int
 ) -> None:
+    """The unfused optimizer reads each step's verdict and stops at step 5; the fused one (the
+    CPU and CUDA profiles) reads it at the logging cadence or the epoch's end, here after the
+    checkpoint of step 6. Either way the checkpoint was written during the streak and holds the
+    finite weights of step 2, since skipped steps change nothing."""
     nonfinite_vae_losses(monkeypatch, range(3, 100))
-    cfg = compose_config(
-        "train_vae", [*synthetic_overrides, *VAE_RUN, "trainer.max_consecutive_nonfinite=3"]
-    )
+    overrides = [*VAE_RUN, "trainer.max_consecutive_nonfinite=3"]
+    overrides.append(f"trainer.profiles.cpu.fused_optimizer={str(fused).lower()}")
+    cfg = compose_config("train_vae", [*synthetic_overrides, *overrides])
     with pytest.raises(NonFiniteTrainingError) as stopped:
         run_vae_stage(cfg, run_dir=tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     message = str(stopped.value)
     assert "optimizer steps 3 to 5 (3 in a row, trainer.max_consecutive_nonfinite=3)" in message
-    assert f"The last checkpoint written is {last} (after step 4)" in message
+    assert f"The last checkpoint written is {last} (after step {last_saved_step})" in message
     state = torch.load(last, weights_only=True)
-    assert state["global_step"] == 4  # written during the streak: the weights are still finite
+    assert state["global_step"] == last_saved_step
     for name, tensor in state["state_dict"].items():
         assert name.startswith("latent_") or torch.isfinite(tensor).all(), name
     assert not (tmp_path / "run" / "export").exists()
