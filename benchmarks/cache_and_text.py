@@ -71,7 +71,6 @@ def latent_cache_rate(
             records,
             vae,
             key={},
-            scale_factor=1.0,
             image_size_px=image_size,
             hflip=hflip,
             batch_size=CACHE_BATCH,

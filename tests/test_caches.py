@@ -197,7 +197,7 @@ def test_cache_arrays_open_as_read_only_memory_maps(prepared: LatentDataModule) 
     assert prepared.captions.hidden_states.dtype == np.float16
 
 
-def test_metadata_records_fingerprint_data_config_count_and_scale(
+def test_metadata_records_fingerprint_data_config_and_count(
     prepared: LatentDataModule,
 ) -> None:
     metadata = prepared.latents["train"].metadata
@@ -205,7 +205,6 @@ def test_metadata_records_fingerprint_data_config_count_and_scale(
     assert metadata["key"]["data"]["image_size"] == IMAGE_SIZE_PX
     assert metadata["key"]["data"]["split"] == "train"
     assert metadata["count"] == len(prepared.images.train_records)
-    assert metadata["scale_factor"] == STATS["scale_factor"]
     assert metadata["format_version"] == 1
 
 

@@ -221,13 +221,12 @@ class LatentDataModule(ResumableDataModule):
                 self._build_captions(records, folder, key)
 
     def _build_latents(self, records: list[CaptionedImage], folder: Path, key: dict) -> None:
-        vae, metadata = load_vae_export(self.vae_export)
+        vae, _ = load_vae_export(self.vae_export)
         build_image_latent_cache(
             folder,
             records,
             vae,
             key=key,
-            scale_factor=float(metadata["latent_stats"]["scale_factor"]),
             image_size_px=self.config.image_size,
             hflip=key["hflip"],
             batch_size=self.cache.batch_size,

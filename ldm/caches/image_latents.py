@@ -95,11 +95,6 @@ class ImageLatentCache:
         channels, height, width = self.mean.shape[2:]
         return int(channels), int(height), int(width)
 
-    @property
-    def scale_factor(self) -> float:
-        """The VAE export's scale factor when the cache was built (latents are stored unscaled)."""
-        return float(self.metadata["scale_factor"])
-
 
 def build_image_latent_cache(
     folder: Path,
@@ -107,7 +102,6 @@ def build_image_latent_cache(
     vae: VAE,
     *,
     key: dict[str, Any],
-    scale_factor: float,
     image_size_px: int,
     hflip: bool,
     batch_size: int,
@@ -150,7 +144,6 @@ def build_image_latent_cache(
                 "variants": ["original", "hflip"][:variants],
                 "latent_shape": list(shape[2:]),
                 "dtype": "float16",
-                "scale_factor": scale_factor,
                 "records_sha256": records_fingerprint(records),
                 "encode_seconds": round(seconds, 2),
             },
