@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import urllib.error
 from pathlib import Path
 
@@ -190,6 +191,16 @@ def test_clip_score_is_deterministic_and_between_0_and_100(tiny_scorer) -> None:
     scores = tiny_scorer.scores(images, CAPTIONS)
     torch.testing.assert_close(again.scores(images, CAPTIONS), scores, atol=0, rtol=0)
     assert torch.all((scores >= 0) & (scores <= 100))
+
+
+def test_a_random_init_clip_score_says_so_once_in_its_own_words(caplog) -> None:
+    open_clip_dir = str(Path(open_clip.__file__).parent)
+    with caplog.at_level(logging.INFO):
+        ClipScorer(ClipScoreSettings(model_name=TINY_CLIP, pretrained=None))
+    assert [r.getMessage() for r in caplog.records if r.pathname.startswith(open_clip_dir)] == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "RANDOM-init" in warnings[0]
+    assert "clip_score.pretrained" in warnings[0]
 
 
 def test_offline_clip_download_fails_with_one_message(monkeypatch) -> None:

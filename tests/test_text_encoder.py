@@ -19,6 +19,7 @@ from ldm.text import (
     TextEncoderConfig,
     TextEncoderWeightsUnavailableError,
 )
+from ldm.text.quiet import OpenClipChatter
 
 PROMPTS = ["a small red circle on a blue background", "two dogs playing in the snow"]
 
@@ -78,6 +79,40 @@ def test_random_init_is_announced_with_a_warning(caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.WARNING, logger="ldm.text"):
         FrozenTextEncoder(tiny_config())
     assert "RANDOM initialisation" in caplog.text
+
+
+def test_open_clip_chatter_is_dropped_and_the_random_init_warning_given_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    open_clip_dir = str(Path(open_clip.__file__).parent)
+    with caplog.at_level(logging.INFO):
+        FrozenTextEncoder(tiny_config())
+    assert [r.getMessage() for r in caplog.records if r.pathname.startswith(open_clip_dir)] == []
+    assert caplog.text.count("RANDOM initialisation") == 1
+
+
+def test_open_clip_warnings_other_than_the_random_init_one_still_pass() -> None:
+    factory = str(Path(open_clip.__file__).parent / "factory.py")
+
+    def passes(level: int, message: str, pathname: str = factory) -> bool:
+        record = logging.LogRecord("root", level, pathname, 1, message, (), None)
+        return OpenClipChatter().filter(record)
+
+    assert passes(logging.WARNING, "Multiple checkpoints found in /x. Using 'a.bin'.")
+    assert not passes(logging.INFO, "Loaded built-in ViT-B-32 model config.")
+    assert not passes(logging.WARNING, "No pretrained weights loaded for model 'x'.")
+    assert passes(logging.INFO, "a line of the user's own", pathname=__file__)
+
+
+def test_building_the_encoder_leaves_the_root_logger_as_it_found_it() -> None:
+    root = logging.getLogger()
+    handlers, filters = list(root.handlers), list(root.filters)
+    root.handlers.clear()  # as in a plain script: open_clip must not basicConfig it
+    try:
+        FrozenTextEncoder(tiny_config())
+        assert (root.handlers, root.filters) == ([], filters)
+    finally:
+        root.handlers[:] = handlers
 
 
 def test_vision_tower_is_not_kept(tiny_encoder: FrozenTextEncoder) -> None:

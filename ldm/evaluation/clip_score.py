@@ -10,6 +10,7 @@ every score.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from ldm.evaluation.errors import EvaluationError, MetricWeightsUnavailableError, one_line
 from ldm.text.loading import pretrained_tag_config
+from ldm.text.quiet import open_clip_chatter_dropped
+
+log = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
 CLIP_SCORE_SCALE = "100 × max(cosine(image, caption), 0), mean over images (as torchmetrics)"
@@ -64,7 +68,14 @@ class ClipScorer:
 
     def __init__(self, settings: ClipScoreSettings, device: torch.device | str = "cpu") -> None:
         weights, tag_config = _weights(settings)
-        with torch.random.fork_rng(devices=[]):  # a random init (tests) is the same every time
+        if weights is None:
+            log.warning(
+                "CLIP score with a RANDOM-init %s: its scores carry no meaning (tests only); "
+                "for real numbers set clip_score.pretrained or clip_score.weights_file.",
+                settings.model_name,
+            )
+        # a random init (tests) is the same every time
+        with torch.random.fork_rng(devices=[]), open_clip_chatter_dropped():
             torch.manual_seed(RANDOM_INIT_SEED)
             self.model = open_clip.create_model(
                 settings.model_name,
@@ -72,9 +83,9 @@ class ClipScorer:
                 # a file path loses the tag's preprocessing (mean, std); give it back
                 force_preprocess_cfg=tag_config,
             )
+            self.tokenizer = open_clip.get_tokenizer(settings.model_name)
         self.model.requires_grad_(False).eval().to(device)
         self.device = torch.device(device)
-        self.tokenizer = open_clip.get_tokenizer(settings.model_name)
         preprocess = open_clip.get_model_preprocess_cfg(self.model)
         size = preprocess["size"]
         self.input_size = list(size) if isinstance(size, tuple | list) else [size, size]

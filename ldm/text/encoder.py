@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ldm.text.config import TextEncoderConfig
 from ldm.text.loading import load_text_tower
+from ldm.text.quiet import open_clip_chatter_dropped
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class FrozenTextEncoder(nn.Module):
                 "keeps only the word and position embeddings)."
             )
         self._blocks_used = num_layers - config.clip_skip
-        tokenizer = open_clip.get_tokenizer(config.model_name)
+        with open_clip_chatter_dropped():
+            tokenizer = open_clip.get_tokenizer(config.model_name)
         if not isinstance(tokenizer, open_clip.SimpleTokenizer):
             raise ValueError(
                 f"{config.model_name} uses a {type(tokenizer).__name__}; this encoder supports "

@@ -16,6 +16,7 @@ import open_clip
 import torch
 
 from ldm.text.config import TextEncoderConfig
+from ldm.text.quiet import open_clip_chatter_dropped
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def load_text_tower(config: TextEncoderConfig) -> open_clip.CLIP:
         )
     else:
         log.info("Text encoder %s: loading %s", config.model_name, weights_path)
-    with torch.random.fork_rng(devices=[]):  # seed the random init without touching global RNG
+    # seed the random init without touching the global RNG
+    with torch.random.fork_rng(devices=[]), open_clip_chatter_dropped():
         torch.manual_seed(config.seed)
         try:
             model = open_clip.create_model(
