@@ -58,6 +58,7 @@ OPTIONS: dict[str, Option] = {
     "noise_offset=0.1": Option(("diffusion.noise_offset=0.1",)),
     "input_perturbation=0.1": Option(("diffusion.input_perturbation=0.1",)),
     "text_refiner_layers=0": Option(("model.dit.text_refiner_layers=0",)),
+    "pooled_text=false": Option(("model.dit.pooled_text=false",), note="cross-attention alone"),
     "denoiser=unet": Option(("model.denoiser=unet",), note="the demo's U-Net, no refiner"),
     "unet+pooled_text": Option(("model.denoiser=unet", "model.unet.pooled_text=true")),
 }

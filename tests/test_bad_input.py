@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data import CaptionedImageDataset, build_caption_index
 from ldm.data.bad_input import BadInputError
-from ldm.data.dataset import collate_skipping_unreadable
+from ldm.data.coco_index import build_caption_index
+from ldm.data.dataset import CaptionedImageDataset, collate_skipping_unreadable
 from ldm.data.images import read_rgb_image
 
 GOOD_IMAGES = 4

@@ -9,15 +9,11 @@ import pytest
 import torch
 from helpers import synthetic_data_config
 
-from ldm.data import (
-    CaptionedImageDataModule,
-    CaptionedImageDataset,
-    DataConfig,
-    LoaderSettings,
-    build_caption_index,
-    normalise_caption,
-)
 from ldm.data.batch_randomness import StepRandomness
+from ldm.data.coco_index import build_caption_index, normalise_caption
+from ldm.data.config import DataConfig
+from ldm.data.datamodule import CaptionedImageDataModule, LoaderSettings
+from ldm.data.dataset import CaptionedImageDataset
 from ldm.data.resumable_loader import ResumableDataLoader, ResumableSampler
 
 

@@ -192,6 +192,66 @@ def test_masked_padding_tokens_do_not_change_the_output() -> None:
     torch.testing.assert_close(reference, other_padding)
 
 
+TINY_POOLED = DiTConfig(**{**TINY.to_dict(), "pooled_text": True})
+
+
+def test_masked_padding_does_not_reach_the_pooled_caption_either() -> None:
+    model = _trained_like(DiT(TINY_POOLED))
+    latents, timesteps, context = _inputs()
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, False]])
+    padded_differently = torch.where(mask[..., None], context, torch.randn_like(context))
+    with torch.no_grad():
+        reference = model(latents, timesteps, context, context_mask=mask)
+        other_padding = model(latents, timesteps, padded_differently, context_mask=mask)
+    torch.testing.assert_close(reference, other_padding)
+
+
+def test_pooled_text_sets_every_blocks_modulation() -> None:
+    # Cross-attention aside, the caption must change what adaLN gives every block.
+    model = _trained_like(DiT(TINY_POOLED))
+    latents, timesteps, context = _inputs()
+    seen: list[torch.Tensor] = []
+    hooks = [
+        block.modulation.register_forward_hook(lambda _m, _inputs, out: seen.append(out))
+        for block in model.blocks
+    ]
+    with torch.no_grad():
+        model(latents, timesteps, context)
+        model(latents, timesteps, -context)
+    for hook in hooks:
+        hook.remove()
+    first, second = seen[: len(hooks)], seen[len(hooks) :]
+    for before, after in zip(first, second, strict=True):
+        assert (before - after).abs().max() > 1e-4
+
+
+def test_without_pooled_text_the_modulation_ignores_the_caption() -> None:
+    model = _trained_like(DiT(TINY))
+    latents, timesteps, context = _inputs()
+    seen: list[torch.Tensor] = []
+    hook = model.blocks[0].modulation.register_forward_hook(
+        lambda _m, _inputs, out: seen.append(out)
+    )
+    with torch.no_grad():
+        model(latents, timesteps, context)
+        model(latents, timesteps, -context)
+    hook.remove()
+    torch.testing.assert_close(seen[0], seen[1])
+
+
+def test_every_parameter_of_the_pooled_dit_receives_a_gradient() -> None:
+    model = _trained_like(DiT(TINY_POOLED)).train()
+    latents, timesteps, context = _inputs()
+    model(latents, timesteps, context).square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
+
+
+def test_configs_written_before_pooled_text_load_without_it() -> None:
+    values = TINY.to_dict()
+    del values["pooled_text"]
+    assert DiTConfig.from_dict(values).pooled_text is False
+
+
 def test_every_cell_of_a_grid_gets_its_own_position_code() -> None:
     code = position_code_2d(4, 6, 32, torch.device("cpu"))  # (24, 32)
     assert code.shape == (24, 32)

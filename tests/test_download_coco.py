@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm.data import coco_download as download_coco
+import ldm.data.coco_download as download_coco
 
 
 def zip_bytes(files: dict[str, bytes]) -> bytes:

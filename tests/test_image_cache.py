@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import TINY_VAE_RUN, compose_config, synthetic_data_config
 
-from ldm.data import CaptionedImageDataModule, LoaderSettings, build_caption_index
 from ldm.data.array_store import cache_is_current
 from ldm.data.batch_randomness import StepRandomness
-from ldm.data.coco_index import CaptionedImage
+from ldm.data.coco_index import CaptionedImage, build_caption_index
+from ldm.data.datamodule import CaptionedImageDataModule, LoaderSettings
 from ldm.data.dataset import CaptionedImageDataset
 from ldm.data.image_cache import (
     DECODED_IMAGES_KIND,

@@ -16,7 +16,7 @@ from helpers import SMALL_SYNTHETIC, compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.data import build_caption_index
+from ldm.data.coco_index import build_caption_index
 from ldm.data.config import DataConfig
 from ldm.data.synthetic import (
     VARIANTS,

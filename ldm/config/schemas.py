@@ -105,6 +105,7 @@ class DiTSchema:
     context_dim: int = MISSING
     dropout: float = MISSING
     text_refiner_layers: int = MISSING
+    pooled_text: bool = MISSING
 
 
 @dataclass

@@ -1,16 +1,6 @@
-"""Data: COCO captions, the synthetic demo set, and the loaders that feed training."""
+"""Data: COCO captions, the synthetic demo set, and the loaders that feed training.
 
-from ldm.data.coco_index import CaptionedImage, build_caption_index, normalise_caption
-from ldm.data.config import DataConfig
-from ldm.data.datamodule import CaptionedImageDataModule, LoaderSettings
-from ldm.data.dataset import CaptionedImageDataset
-
-__all__ = [
-    "CaptionedImage",
-    "CaptionedImageDataModule",
-    "CaptionedImageDataset",
-    "DataConfig",
-    "LoaderSettings",
-    "build_caption_index",
-    "normalise_caption",
-]
+Import from the modules themselves (``ldm.data.coco_index``, ``ldm.data.datamodule``, ...): the
+package imports nothing, so ``python -m ldm.data.synthetic`` and ``python -m
+ldm.data.coco_download`` run their module once, not a second copy beside one already imported.
+"""

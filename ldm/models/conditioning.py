@@ -1,11 +1,14 @@
-"""What every denoiser takes besides the latents: the timesteps and the text context.
+"""What every denoiser takes besides the latents (the timesteps and the text context), checked
+alike, and the pooled caption either can add to its timestep embedding.
 
 The U-Net and the DiT check them alike at their entrance, so a caller that works with one
 works with the other, and a malformed call fails there with a message that says what to pass.
 """
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ldm.models.attention import MultiHeadAttention
 
 
 def checked_conditioning(
@@ -47,3 +50,27 @@ def checked_conditioning(
             f"{tuple(t.shape)}."
         )
     return t
+
+
+class TextPooling(nn.Module):
+    """The caption as one vector: a learned query attends over its hidden states.
+
+    Added to the time embedding, it reaches every block of the denoiser (the U-Net's residual
+    blocks as a per-channel shift, the DiT's adaLN shifts, scales and gates), the way ADM and DiT
+    feed class labels and SDXL/SD3 feed pooled text; cross-attention alone makes the network
+    learn where to look before it can use a word.
+    """
+
+    def __init__(self, context_dim: int, out_dim: int, head_dim: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, context_dim) * context_dim**-0.5)
+        self.norm = nn.LayerNorm(context_dim)
+        self.attention = MultiHeadAttention(
+            context_dim, context_dim=context_dim, head_dim=head_dim, dropout=0.0
+        )
+        self.proj = nn.Linear(context_dim, out_dim)
+
+    def forward(self, context: Tensor, context_mask: Tensor | None) -> Tensor:
+        query = self.query.expand(context.shape[0], -1, -1)  # (B, 1, context_dim)
+        pooled = self.attention(query, self.norm(context), context_mask)  # (B, 1, context_dim)
+        return self.proj(pooled[:, 0])  # (B, out_dim)

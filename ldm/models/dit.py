@@ -13,7 +13,9 @@ Conditioning, after DiT (Peebles & Xie 2023) and PixArt-α (Chen et al. 2023):
 - the caption enters by cross-attention to the cached text hidden states, between
   self-attention and the MLP. Unlike SD3's joint attention (MM-DiT) this leaves the cached
   states as they are, keeps the image's token count fixed, and needs no second stack of text
-  weights, which at ~20M parameters would be a third of the model.
+  weights, which at ~20M parameters would be a third of the model. With `pooled_text` the
+  caption also enters as one attention-pooled vector added to the timestep embedding, so it
+  sets every block's adaLN as a class label does in DiT.
 """
 
 from dataclasses import asdict, dataclass
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from ldm.config.parse import dataclass_from_dict
 from ldm.models.attention import GEGLUFeedForward, MultiHeadAttention
 from ldm.models.blocks import TimestepEmbedding, sinusoidal_timestep_embedding
-from ldm.models.conditioning import checked_conditioning
+from ldm.models.conditioning import TextPooling, checked_conditioning
 from ldm.models.text_refiner import TextRefiner, check_text_refiner
 
 
@@ -48,6 +50,7 @@ class DiTConfig:
     context_dim: int = 512
     dropout: float = 0.0
     text_refiner_layers: int = 0
+    pooled_text: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -76,6 +79,12 @@ class DiTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"DiTConfig.dropout must be in [0, 1), got {self.dropout}.")
         check_text_refiner("DiTConfig", self.text_refiner_layers)
+        if self.pooled_text and self.attended_context_dim % self.attention_head_dim != 0:
+            raise ValueError(
+                f"DiTConfig.pooled_text pools the text with attention heads of width "
+                f"attention_head_dim={self.attention_head_dim}, which must divide "
+                f"context_dim={self.context_dim}."
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DiTConfig":
@@ -190,6 +199,11 @@ class DiT(nn.Module):
             head_dim=config.attention_head_dim,
             dropout=config.dropout,
         )
+        self.text_pooling = (
+            TextPooling(config.attended_context_dim, dim, config.attention_head_dim)
+            if config.pooled_text
+            else None
+        )
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.modulation_out = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(dim, 2 * dim)))
@@ -213,6 +227,8 @@ class DiT(nn.Module):
         rows, columns = x.shape[2] // patch, x.shape[3] // patch
         context = self.text_refiner(context, context_mask)  # (B, L, attended_context_dim)
         time_emb = self.time_embedding(t)  # (B, D)
+        if self.text_pooling is not None:
+            time_emb = time_emb + self.text_pooling(context, context_mask)
 
         tokens = rearrange(self.patchify(x), "b d h w -> b (h w) d")  # (B, N = hw/p², D)
         positions = position_code_2d(rows, columns, self.config.hidden_dim, x.device)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.config.parse import dataclass_from_dict
-from ldm.models.attention import MultiHeadAttention, SpatialTransformer
+from ldm.models.attention import SpatialTransformer
 from ldm.models.blocks import Downsample, ResnetBlock, TimestepEmbedding, Upsample, group_norm
-from ldm.models.conditioning import checked_conditioning
+from ldm.models.conditioning import TextPooling, checked_conditioning
 from ldm.models.text_refiner import TextRefiner, check_text_refiner
 
 
@@ -170,29 +170,6 @@ class ConditionedBlock(nn.Module):
         if self.transformer is not None:
             h = self.transformer(h, context, context_mask)
         return h
-
-
-class TextPooling(nn.Module):
-    """The caption as one vector: a learned query attends over its hidden states.
-
-    Added to the time embedding, it reaches every residual block at every resolution as a
-    per-channel shift, the way ADM feeds class labels and SDXL/Imagen feed pooled text;
-    cross-attention alone makes the network learn where to look before it can use a word.
-    """
-
-    def __init__(self, context_dim: int, out_dim: int, head_dim: int) -> None:
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(1, 1, context_dim) * context_dim**-0.5)
-        self.norm = nn.LayerNorm(context_dim)
-        self.attention = MultiHeadAttention(
-            context_dim, context_dim=context_dim, head_dim=head_dim, dropout=0.0
-        )
-        self.proj = nn.Linear(context_dim, out_dim)
-
-    def forward(self, context: Tensor, context_mask: Tensor | None) -> Tensor:
-        query = self.query.expand(context.shape[0], -1, -1)  # (B, 1, context_dim)
-        pooled = self.attention(query, self.norm(context), context_mask)  # (B, 1, context_dim)
-        return self.proj(pooled[:, 0])  # (B, out_dim)
 
 
 class UNetLevel(nn.Module):
