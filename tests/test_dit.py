@@ -288,6 +288,7 @@ def test_it_overfits_one_batch() -> None:
         ({"patch_size": 0}, r"patch_size must be a positive integer, got 0"),
         ({"depth": 2.5}, r"depth must be a positive integer, got 2\.5"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"pooled_text": True, "context_dim": 24}, r"pooled_text .* must divide context_dim=24"),
     ],
 )
 def test_an_impossible_config_is_refused_naming_the_key(change: dict, message: str) -> None:
