@@ -26,6 +26,7 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 DEFAULT_IMG2IMG_STRENGTH = 0.75  # keeps the layout of the init image, redraws its details
 DEFAULT_SAMPLERS = {"ddpm": "ddim", "flow_matching": "euler"}  # where no sampler is named
+STOCHASTIC_SAMPLERS = ("ddim", "euler")  # the samplers that take eta
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,15 @@ class SamplingOptions:
                 "values follow the prompt more closely (7.5 is usual)."
             )
         eta = _number("eta", eta)
-        if eta != 0 and sampler != "ddim":
+        if eta != 0 and sampler not in STOCHASTIC_SAMPLERS:
             raise ValueError(
-                f"eta={eta} only applies to sampler='ddim', but sampler={sampler!r}; "
-                "drop eta or switch to ddim (eta=1 there is DDPM-like)."
+                f"eta={eta} only applies to sampler ddim (a ddpm model) or euler (a "
+                f"flow_matching model), but sampler={sampler!r}; drop eta or switch sampler "
+                "(eta=1 there is DDPM-like)."
             )
         if not 0 <= eta <= 1:
             raise ValueError(
-                f"eta={eta} is outside [0, 1]: 0 gives deterministic DDIM, 1 the DDPM noise level."
+                f"eta={eta} is outside [0, 1]: 0 gives deterministic steps, 1 the DDPM noise level."
             )
         return cls(sampler, steps, cfg_scale, eta, _strength(strength, image_to_image))
 

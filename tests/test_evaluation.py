@@ -347,6 +347,7 @@ SCHEMA = {
 }
 SWEEP_ENTRY = {
     "sampler": str,
+    "eta": float,
     "steps": int,
     "cfg_scale": float,
     "samples_dir": str,
@@ -450,7 +451,18 @@ def test_default_sweep_is_sample_py_defaults_and_the_demo_its_own() -> None:
     default = request_from_config(compose_config("evaluate")).sweep_settings(diffusion)
     demo = request_from_config(compose_config("evaluate", ["experiment=demo"]))
     assert default == (SweepSetting(SamplingOptions("ddim", 50, 7.5)),)
-    assert demo.sweep_settings(diffusion) == (SweepSetting(SamplingOptions("ddim", 25, 3.0)),)
+    flow = ScheduleConfig(objective="flow_matching")  # the demo's objective
+    assert demo.sweep_settings(flow) == (SweepSetting(SamplingOptions("euler", 25, 3.0, 1.0)),)
+
+
+def test_a_stochastic_setting_names_its_eta_in_its_label_and_folder() -> None:
+    deterministic = SweepSetting(SamplingOptions("euler", 25, 3.0))
+    stochastic = SweepSetting(SamplingOptions("euler", 25, 3.0, 1.0))
+    assert (deterministic.slug, stochastic.slug) == (
+        "euler-25steps-cfg3",
+        "euler-25steps-cfg3-eta1",
+    )
+    assert stochastic.label == "euler 25 steps, cfg 3, eta 1"
 
 
 # ---- VAE reconstruction -------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from helpers import (
 
 from ldm.data.batch_randomness import StepRandomness
 from ldm.diffusion import (
+    DDIMSampler,
     FlowEulerSampler,
     FlowHeunSampler,
     FlowMatchingSchedule,
@@ -38,6 +39,7 @@ from ldm.diffusion import (
     sample,
     training_noise,
 )
+from ldm.diffusion.samplers import StepInputs
 from ldm.exports import read_unet_metadata
 from ldm.models.unet import UNet, UNetConfig
 from ldm.pipeline import SamplingOptions
@@ -169,6 +171,65 @@ def test_heun_matches_diffusers_flow_match_heun_step_for_step(steps, shift) -> N
 
     assert call == len(oracle_timesteps) == 2 * steps - 1
     assert seen == pytest.approx(oracle_timesteps, abs=1e-4)
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+@pytest.mark.parametrize(("sigma", "sigma_next"), [(1.0, 0.8), (0.6, 0.55), (0.3, 0.05)])
+def test_stochastic_euler_is_ddim_on_the_same_path_in_ddpm_scaling(eta, sigma, sigma_next) -> None:
+    """The straight path is DDPM's up to a scale: x_σ = r·x_t with √ᾱ = (1-σ)/r and
+    √(1-ᾱ) = σ/r. So a stochastic Euler step must be DDIM's step at that ᾱ, scaled back, with
+    the same noise (the DDIM sampler is checked against diffusers in its own file)."""
+    x = random_tensor(0)
+    ours = FlowEulerSampler(flow64(), eta=eta).advance(
+        velocity_field, x, sigma, sigma_next, generator=seeded(3)
+    )
+
+    def ddpm_scale(level: float) -> tuple[float, float]:  # (ᾱ, r)
+        r = math.hypot(1 - level, level)
+        return ((1 - level) / r) ** 2, r
+
+    (alpha_bar, r), (alpha_bar_next, r_next) = ddpm_scale(sigma), ddpm_scale(sigma_next)
+    velocity = velocity_field(x, sigma)
+    step = StepInputs(
+        sample=x / r,
+        pred_x0=x - sigma * velocity,
+        pred_epsilon=x + (1 - sigma) * velocity,
+        t=1,
+        t_prev=0,
+        alpha_bar=alpha_bar,
+        alpha_bar_prev=alpha_bar_next,
+        last_step=None,
+        generator=seeded(3),
+    )
+    expected = r_next * DDIMSampler(make_schedule(ScheduleConfig()), eta=eta).next_sample(step)
+
+    torch.testing.assert_close(ours.sample, expected, atol=1e-10, rtol=0.0)
+    torch.testing.assert_close(ours.pred_x0, step.pred_x0)
+
+
+def test_stochastic_euler_draws_its_noise_from_the_generator_and_ends_on_its_x0() -> None:
+    schedule = flow64()
+    levels = our_grid(schedule, 5)
+    x = random_tensor(0)
+
+    def predict(x_in: torch.Tensor, sigma: float) -> torch.Tensor:
+        # Not pulled to one x0 (as velocity_field is), so every step's noise shows at the end.
+        return 0.3 * x_in + 0.1 * torch.sin(x_in + sigma)
+
+    def chain(eta: float, seed: int) -> torch.Tensor:
+        sampler, sample_ = FlowEulerSampler(schedule, eta=eta), x
+        generator = seeded(seed)
+        for sigma, sigma_next in itertools.pairwise(levels):
+            step = sampler.advance(predict, sample_, sigma, sigma_next, generator=generator)
+            sample_ = step.sample
+        torch.testing.assert_close(sample_, step.pred_x0)  # the last step lands on x̂0
+        return sample_
+
+    torch.testing.assert_close(chain(1.0, seed=5), chain(1.0, seed=5))
+    assert (chain(1.0, seed=5) - chain(1.0, seed=6)).abs().max() > 1e-3
+    assert (chain(1.0, seed=5) - chain(0.0, seed=5)).abs().max() > 1e-3
+    # eta = 0 ignores the generator: the deterministic Euler chain.
+    torch.testing.assert_close(chain(0.0, seed=5), chain(0.0, seed=6), atol=0.0, rtol=0.0)
 
 
 # ---- the sampling loop -------------------------------------------------------------------------
@@ -564,6 +625,7 @@ def test_a_flow_model_with_both_noise_options_trains_on_cpu_and_samples(
             "validation.timestep_buckets=2",
             "validation.sample_every_n_epochs=1",
             "validation.sampling.sampler=heun",
+            "validation.sampling.eta=0.0",  # the demo samples with stochastic Euler
             "validation.sampling.steps=2",
             "evaluation.every_n_steps=null",
         ],
@@ -592,3 +654,10 @@ def test_a_flow_model_with_both_noise_options_trains_on_cpu_and_samples(
     assert len(sampled.image_paths) == 1 and sampled.image_paths[0].stat().st_size > 0
     # No sampler named: the checkpoint's objective picks its own.
     assert read_png_metadata(sampled.image_paths[0])["sampler"] == "euler"
+
+
+def test_eta_is_taken_by_euler_and_refused_for_heun_naming_the_samplers_that_take_it() -> None:
+    flow = ScheduleConfig(objective="flow_matching")
+    assert SamplingOptions.checked(diffusion=flow, sampler="euler", eta=1.0).eta == 1.0
+    with pytest.raises(ValueError, match=r"eta=0\.5 only applies to sampler ddim .* or euler"):
+        SamplingOptions.checked(diffusion=flow, sampler="heun", eta=0.5)

@@ -374,6 +374,7 @@ class EvaluateSchema(RunSchema):
     weights: str = MISSING
     vae_export: str | None = MISSING
     sampler: str | None = MISSING
+    eta: float = MISSING
     cfg_scales: list[float] = MISSING
     steps: list[int] = MISSING
     seed: int = MISSING

@@ -24,7 +24,8 @@ bounded to [-1, 1]); ``trained_betas`` gives diffusers our exact β.
 Flow-matching models (``FlowMatchingSchedule``) have their own two, which integrate the predicted
 velocity from σ to σ_next on the grid of ``FlowMatchingSchedule.sampling_levels``:
 
-* ``FlowEulerSampler``: ``FlowMatchEulerDiscreteScheduler(shift=k)``.
+* ``FlowEulerSampler``: ``FlowMatchEulerDiscreteScheduler(shift=k)`` at eta = 0; eta > 0 adds
+  DDIM's noise, carried over to the straight path.
 * ``FlowHeunSampler``: ``FlowMatchHeunDiscreteScheduler(shift=k)``, which takes two model calls
   per step (one on the last step, to σ = 0).
 
@@ -207,7 +208,7 @@ class DPMSolverPP2MSampler(Sampler):
 
 class FlowSampler(ABC):
     """One step of a flow-matching ODE solver, from σ to σ_next < σ. The model output is the
-    velocity v = dx/dσ, so x0 = x_σ - σ·v; deterministic, so ``generator`` goes unused."""
+    velocity v = dx/dσ, so x0 = x_σ - σ·v; ``generator`` draws the noise of a stochastic step."""
 
     def __init__(self, schedule: FlowMatchingSchedule) -> None:
         self.schedule = schedule
@@ -227,7 +228,18 @@ class FlowSampler(ABC):
 
 
 class FlowEulerSampler(FlowSampler):
-    """Euler: x_{σ_next} = x_σ + (σ_next - σ)·v(x_σ, σ); exact on a straight path."""
+    """Euler: x_{σ_next} = x_σ + (σ_next - σ)·v(x_σ, σ); exact on a straight path.
+
+    With ``eta`` > 0 the step is stochastic, as DDIM's: the path x_σ = (1-σ)·x0 + σ·ε is DDPM's
+    x_t scaled by 1/(√ᾱ + √(1-ᾱ)), with ᾱ = (1-σ)²/((1-σ)² + σ²), so DDIM's update carries over:
+    x_{σ_next} = (1-σ_next)·x̂0 + σ_next·(√(1-ρ²)·ε̂ + ρ·z), where ρ² = eta²·(1-ᾱ/ᾱ_next)/(1-ᾱ)
+    is the share of fresh noise. eta = 1 draws from DDPM's posterior q(x_next | x_σ, x̂0): each
+    step re-noises part of what earlier steps got wrong instead of carrying it to σ = 0.
+    """
+
+    def __init__(self, schedule: FlowMatchingSchedule, eta: float = 0.0) -> None:
+        super().__init__(schedule)
+        self.eta = float(eta)
 
     def advance(
         self,
@@ -240,11 +252,17 @@ class FlowEulerSampler(FlowSampler):
         generator: Generators = None,
     ) -> StepOutput:
         velocity = predict(sample, sigma)
-        return StepOutput(
-            sample=sample + (sigma_next - sigma) * velocity,
-            pred_x0=sample - sigma * velocity,
-            timestep=sigma,
-        )
+        pred_x0 = sample - sigma * velocity
+        if self.eta == 0 or sigma_next == 0:
+            next_sample = sample + (sigma_next - sigma) * velocity
+        else:
+            pred_epsilon = sample + (1 - sigma) * velocity
+            fresh = self.eta**2 * _flow_posterior_share(sigma, sigma_next)
+            noise = _standard_normal_like(sample, generator)
+            next_sample = (1 - sigma_next) * pred_x0 + sigma_next * (
+                math.sqrt(1 - fresh) * pred_epsilon + math.sqrt(fresh) * noise
+            )
+        return StepOutput(sample=next_sample, pred_x0=pred_x0, timestep=sigma)
 
 
 class FlowHeunSampler(FlowSampler):
@@ -277,10 +295,10 @@ def make_sampler(
     name: str, schedule: NoiseSchedule | FlowMatchingSchedule, *, eta: float = 0.0
 ) -> Sampler | FlowSampler:
     """The sampler called ``name`` (one of ``SAMPLERS_BY_OBJECTIVE[schedule.objective]``);
-    ``eta`` applies to DDIM only. The options are trusted: they were checked where they entered
-    (``SamplingOptions.checked``)."""
+    ``eta`` applies to DDIM and flow Euler only. The options are trusted: they were checked
+    where they entered (``SamplingOptions.checked``)."""
     if isinstance(schedule, FlowMatchingSchedule):
-        return {"euler": FlowEulerSampler, "heun": FlowHeunSampler}[name](schedule)
+        return FlowEulerSampler(schedule, eta=eta) if name == "euler" else FlowHeunSampler(schedule)
     if name == "ddim":
         return DDIMSampler(schedule, eta=eta)
     return {"ddpm": DDPMSampler, "dpmpp_2m": DPMSolverPP2MSampler}[name](schedule)
@@ -296,6 +314,14 @@ def _half_log_snr(alpha_bar: float) -> float:
 def _posterior_variance(alpha_bar: float, alpha_bar_prev: float) -> float:
     """Variance of q(x_{t_prev} | x_t, x0): DDPM's β̃, zero on the step to the clean end."""
     return (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
+
+
+def _flow_posterior_share(sigma: float, sigma_next: float) -> float:
+    """ρ² of ``FlowEulerSampler`` at eta = 1: DDPM's posterior variance over 1 - ᾱ_next, with
+    ᾱ the DDPM noise level that σ of the straight path corresponds to."""
+    alpha_bar = (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
+    alpha_bar_next = (1 - sigma_next) ** 2 / ((1 - sigma_next) ** 2 + sigma_next**2)
+    return (1 - alpha_bar / alpha_bar_next) / (1 - alpha_bar)
 
 
 def _standard_normal_like(sample: Tensor, generator: Generators) -> Tensor:

@@ -34,13 +34,16 @@ class SweepSetting:
     @property
     def label(self) -> str:
         options = self.options
-        return f"{options.sampler} {options.steps} steps, cfg {options.cfg_scale:g}"
+        noise = f", eta {options.eta:g}" if options.eta else ""
+        return f"{options.sampler} {options.steps} steps, cfg {options.cfg_scale:g}{noise}"
 
     @property
     def slug(self) -> str:
-        """A folder name for the setting's samples, e.g. ``ddim-25steps-cfg7.5``."""
+        """A folder name for the setting's samples, e.g. ``ddim-25steps-cfg7.5``
+        (``euler-25steps-cfg3-eta1`` for a stochastic sampler)."""
         options = self.options
-        return f"{options.sampler}-{options.steps}steps-cfg{options.cfg_scale:g}"
+        noise = f"-eta{options.eta:g}" if options.eta else ""
+        return f"{options.sampler}-{options.steps}steps-cfg{options.cfg_scale:g}{noise}"
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class EvaluationRequest:
     weights: str
     vae_export: Path | None
     sampler: Any  # the sweep, as given: checked by sweep_settings with the checkpoint
+    eta: Any
     steps: tuple[Any, ...]
     cfg_scales: tuple[Any, ...]
     num_samples: int  # generated images per setting for FID and CLIP score
@@ -93,6 +97,7 @@ class EvaluationRequest:
                     SamplingOptions.checked(
                         diffusion=diffusion,
                         sampler=self.sampler,
+                        eta=self.eta,
                         steps=steps,
                         cfg_scale=cfg_scale,
                     )
@@ -139,6 +144,7 @@ def request_from_config(cfg: DictConfig) -> EvaluationRequest:
         weights=str(cfg.weights),
         vae_export=_optional(cfg.vae_export, Path),
         sampler=cfg.sampler,
+        eta=cfg.eta,
         steps=tuple(_list("steps", cfg.steps)),
         cfg_scales=tuple(_list("cfg_scales", cfg.cfg_scales)),
         num_samples=num_samples,

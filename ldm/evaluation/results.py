@@ -20,7 +20,7 @@ method, seed, sampler settings and the feature networks. Schema (version 1)::
                                   analyser_check: {accuracy, num_images, resolution_px,
                                                    min_accuracy, passed},
                                   vae_ceiling: {accuracy, num_images}}      (adherence)}
-    sweep            [{sampler, steps, cfg_scale, samples_dir,
+    sweep            [{sampler, eta, steps, cfg_scale, samples_dir,
                        metrics: {fid: float, clip_score: float,
                                  adherence: {train|heldout: {accuracy: {background, color,
                                                              shape, size}, num_images}}}}]
@@ -70,7 +70,7 @@ def results_markdown(results: dict[str, Any]) -> str:
 def sweep_table(sweep: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """One row per setting: FID, CLIP score and held-out adherence, as far as measured."""
     measured = sweep[0]["metrics"]
-    headers = ["sampler", "steps", "cfg scale"]
+    headers = ["sampler", "eta", "steps", "cfg scale"]
     if "fid" in measured:
         headers.append("FID ↓")
     if "clip_score" in measured:
@@ -80,7 +80,12 @@ def sweep_table(sweep: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     rows = []
     for entry in sweep:
         metrics = entry["metrics"]
-        row = [entry["sampler"], str(entry["steps"]), f"{entry['cfg_scale']:g}"]
+        row = [
+            entry["sampler"],
+            f"{entry['eta']:g}",
+            str(entry["steps"]),
+            f"{entry['cfg_scale']:g}",
+        ]
         row += [f"{metrics[name]:.2f}" for name in ("fid", "clip_score") if name in metrics]
         row += [_accuracies(split["accuracy"]) for split in metrics.get("adherence", {}).values()]
         rows.append(row)
@@ -98,7 +103,8 @@ def adherence_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
         _accuracy_row("VAE ceiling", reference["vae_ceiling"]),
     ]
     for entry in results["sweep"]:
-        label = f"{entry['sampler']} {entry['steps']} steps, cfg {entry['cfg_scale']:g}"
+        noise = f", eta {entry['eta']:g}" if entry["eta"] else ""
+        label = f"{entry['sampler']} {entry['steps']} steps, cfg {entry['cfg_scale']:g}{noise}"
         for split, scores in entry["metrics"]["adherence"].items():
             rows.append(_accuracy_row(f"{label}: {split}", scores))
     return headers, rows

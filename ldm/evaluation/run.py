@@ -194,6 +194,7 @@ def _sweep(
         sweep.append(
             {
                 "sampler": setting.options.sampler,
+                "eta": setting.options.eta,
                 "steps": setting.options.steps,
                 "cfg_scale": setting.options.cfg_scale,
                 "samples_dir": str(samples_dir.relative_to(request.out_dir)),
