@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
@@ -340,6 +341,12 @@ def read_attributes(image: Image.Image | np.ndarray, palette: Palette) -> dict[s
     centroid is a sixth of its height below the box's middle, where a circle's and a square's
     is at it. Colours are named after the nearest colour of ``palette``, the palette of the set
     the image belongs to.
+
+    Noisy pixels (a sampled image's grain) must not turn squares into circles: coverage is
+    measured against the median colour of the shape's interior, not of its farthest pixels,
+    and summed without clipping at 1, so the grain averages out instead of leaving the
+    interior partly covered; and specks of background noise away from the shape are dropped
+    before they can widen its extent.
     """
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     pixels = pixels.astype(np.float64)
@@ -349,19 +356,21 @@ def read_attributes(image: Image.Image | np.ndarray, palette: Palette) -> dict[s
     distance = np.linalg.norm(pixels - background_rgb, axis=-1)
     far = distance > 60
     if far.sum() < 4:
-        return {
-            "background": _nearest_palette_color(background_rgb, palette),
-            "shape": "none",
-            "color": "none",
-            "size": "none",
-        }
+        return _no_shape(background_rgb, palette)
     shape_rgb = np.median(pixels[distance >= np.median(distance[far])], axis=0)
-    contrast = shape_rgb - background_rgb
-    coverage = np.clip((pixels - background_rgb) @ contrast / (contrast @ contrast), 0.0, 1.0)
+    core = _coverage(pixels, background_rgb, shape_rgb) > 0.5
+    if not core.any():
+        return _no_shape(background_rgb, palette)
+    interior_rgb = np.median(pixels[_interior(core)], axis=0)
+    projection = _coverage(pixels, background_rgb, interior_rgb)
+    coverage = np.clip(projection, 0.0, 1.0)
     coverage[coverage < 0.2] = 0.0  # faint noise in the background is not part of the shape
+    coverage[~_within_one_pixel(coverage > 0.5)] = 0.0  # nor are specks away from the shape
+    if not coverage.any():
+        return _no_shape(background_rgb, palette)
     row_coverage, column_coverage = coverage.max(axis=1), coverage.max(axis=0)
     height, width = row_coverage.sum(), column_coverage.sum()
-    fill = coverage.sum() / (height * width)
+    fill = np.where(coverage > 0, projection, 0.0).sum() / (height * width)
     covered_rows = np.nonzero(row_coverage > 0.5)[0]
     top, bottom = covered_rows.min(), covered_rows.max()
     centroid_row = coverage.sum(axis=1) @ np.arange(side) / coverage.sum()
@@ -375,6 +384,33 @@ def read_attributes(image: Image.Image | np.ndarray, palette: Palette) -> dict[s
         "background": _nearest_palette_color(background_rgb, palette),
         "size": "small" if extent < threshold else "large",
     }
+
+
+def _no_shape(background_rgb: np.ndarray, palette: Palette) -> dict[str, str]:
+    background = _nearest_palette_color(background_rgb, palette)
+    return {"background": background, "shape": "none", "color": "none", "size": "none"}
+
+
+def _coverage(pixels: np.ndarray, background_rgb: np.ndarray, shape_rgb: np.ndarray) -> np.ndarray:
+    """Each pixel's position on the line from the background colour (0) to the shape's (1)."""
+    contrast = shape_rgb - background_rgb
+    return (pixels - background_rgb) @ contrast / (contrast @ contrast)
+
+
+def _neighbourhoods(mask: np.ndarray) -> np.ndarray:
+    """(H, W, 3, 3): each pixel's 3×3 neighbourhood of ``mask``, False beyond the image."""
+    return sliding_window_view(np.pad(mask, 1), (3, 3))
+
+
+def _within_one_pixel(mask: np.ndarray) -> np.ndarray:
+    return _neighbourhoods(mask).any(axis=(-2, -1))
+
+
+def _interior(core: np.ndarray) -> np.ndarray:
+    """The pixels of ``core`` whose whole neighbourhood is in it, away from the blended edge
+    whose colour lies part-way to the background; the core itself when it is that thin."""
+    interior = _neighbourhoods(core).all(axis=(-2, -1))
+    return interior if interior.any() else core
 
 
 def main(argv: list[str] | None = None) -> None:
