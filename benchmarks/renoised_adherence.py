@@ -71,6 +71,7 @@ def main() -> None:
                 sampler=cfg.sampler,
                 steps=cfg.steps,
                 cfg_scale=cfg.cfg_scale,
+                guidance_interval=cfg.guidance_interval,
                 eta=cfg.eta,
                 strength=None if strength == 1 else strength,
                 image_to_image=strength < 1,

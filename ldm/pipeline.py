@@ -8,6 +8,7 @@ image depends only on its prompt, its seed and the sampling options — not on i
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion import SAMPLERS, SAMPLERS_BY_OBJECTIVE, Schedule, ScheduleConfig, sample
+from ldm.diffusion import (
+    SAMPLERS,
+    SAMPLERS_BY_OBJECTIVE,
+    GuidanceInterval,
+    Schedule,
+    ScheduleConfig,
+    sample,
+)
 from ldm.latent_norm import LatentNormalizer
 from ldm.models.vae import VAE
 
@@ -39,6 +47,7 @@ class SamplingOptions:
     cfg_scale: float = 7.5
     eta: float = 0.0
     strength: float = 1.0
+    guidance_interval: GuidanceInterval | None = None  # None: guide at every noise level
 
     @classmethod
     def checked(
@@ -51,11 +60,14 @@ class SamplingOptions:
         eta: Any = 0.0,
         strength: Any = None,
         image_to_image: bool = False,
+        guidance_interval: Any = None,
     ) -> SamplingOptions:
         """The one check of sampling options, where they enter: sample.py and evaluate.py once
         the checkpoint tells its diffusion config (objective and T), training when its module
         is built. Raises ValueError naming the value and the fix. ``sampler`` None is the
-        objective's default; ``strength`` applies to image-to-image only (None: the default)."""
+        objective's default; ``strength`` applies to image-to-image only (None: the default);
+        ``guidance_interval`` is None or [low, high], noise-to-signal ratios, None for an open
+        end."""
         if sampler is None:
             sampler = DEFAULT_SAMPLERS[diffusion.objective]
         _check_sampler(sampler, diffusion.objective)
@@ -87,7 +99,14 @@ class SamplingOptions:
             raise ValueError(
                 f"eta={eta} is outside [0, 1]: 0 gives deterministic steps, 1 the DDPM noise level."
             )
-        return cls(sampler, steps, cfg_scale, eta, _strength(strength, image_to_image))
+        return cls(
+            sampler,
+            steps,
+            cfg_scale,
+            eta,
+            _strength(strength, image_to_image),
+            _guidance_interval(guidance_interval),
+        )
 
 
 def _check_sampler(sampler: Any, objective: str) -> None:
@@ -121,6 +140,28 @@ def _strength(value: Any, image_to_image: bool) -> float:
             "near 1 redraw it; strength 1 would ignore the init image (drop init_image instead)."
         )
     return strength
+
+
+def _guidance_interval(value: Any) -> GuidanceInterval | None:
+    if value is None:
+        return None
+    usage = (
+        "give null (guide at every noise level) or [low, high]: noise-to-signal ratios "
+        "(EDM's σ; a flow-matching σ_flow is σ/(1 + σ)), null for an open end, e.g. [0.43, null] "
+        "guides only where σ_flow > 0.3"
+    )
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"guidance_interval={value!r} is not an interval; {usage}.")
+    low, high = (
+        default if bound is None else _number("guidance_interval", bound)
+        for bound, default in zip(value, (0.0, math.inf), strict=True)
+    )
+    if not 0 <= low < high:
+        raise ValueError(
+            f"guidance_interval=[{low:g}, {high:g}] is empty or negative: it needs "
+            f"0 ≤ low < high; {usage}."
+        )
+    return GuidanceInterval(low, high)
 
 
 def _integer(name: str, value: Any) -> int:
@@ -276,6 +317,7 @@ class LatentDiffusionPipeline:
                     cond=context.to(self.device),
                     uncond=uncond,
                     cfg_scale=options.cfg_scale,
+                    guidance_interval=options.guidance_interval,
                     eta=options.eta,
                     strength=options.strength,
                     shape=None if init_latents is not None else (len(seeds), *self.latent_shape),

@@ -8,6 +8,8 @@ import torch
 from ldm.diffusion import (
     SAMPLERS_BY_OBJECTIVE,
     DPMSolverPP2MSampler,
+    FlowMatchingSchedule,
+    GuidanceInterval,
     NoiseSchedule,
     ScheduleConfig,
     sample,
@@ -129,6 +131,61 @@ def test_with_guidance_each_step_is_one_model_call_on_batch_2b():
     )
 
     assert [x.shape[0] for x, _ in model.calls] == [6] * 10
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [NoiseSchedule(), FlowMatchingSchedule(ScheduleConfig(objective="flow_matching"))],
+    ids=["ddpm", "flow_matching"],
+)
+def test_outside_the_guidance_interval_a_step_is_one_unguided_call(schedule):
+    model = RecordingModel()
+    cond, uncond = torch.ones(3, 5, 8), torch.zeros(3, 5, 8)
+    interval = GuidanceInterval(low=0.5, high=3.0)
+    sampler = "euler" if isinstance(schedule, FlowMatchingSchedule) else "ddim"
+
+    sample(
+        model,
+        schedule,
+        sampler,
+        steps=20,
+        cond=cond,
+        uncond=uncond,
+        cfg_scale=5.0,
+        guidance_interval=interval,
+        shape=(3, 4, 2, 2),
+    )
+
+    levels = schedule.sampling_levels(20)
+    inside = [interval.applies(schedule.noise_to_signal(level)) for level in levels]
+    assert 0 < sum(inside) < len(levels)  # the interval cuts the chain at both ends
+    assert [x.shape[0] for x, _ in model.calls] == [6 if guided else 3 for guided in inside]
+
+
+def test_an_interval_that_holds_every_level_changes_nothing_and_an_empty_one_is_scale_one():
+    class ConditionalModel:
+        def __call__(self, x_t, t, cond):
+            return 0.1 * x_t + cond.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+
+    def draw(**options) -> torch.Tensor:
+        return sample(
+            ConditionalModel(),
+            NoiseSchedule(),
+            "ddim",
+            steps=10,
+            cond=torch.ones(2, 5, 8),
+            uncond=torch.zeros(2, 5, 8),
+            shape=(2, 4, 2, 2),
+            generator=seeded(),
+            **options,
+        )
+
+    everywhere = draw(cfg_scale=4.0, guidance_interval=GuidanceInterval())
+    nowhere = draw(cfg_scale=4.0, guidance_interval=GuidanceInterval(high=1e-9))
+
+    torch.testing.assert_close(everywhere, draw(cfg_scale=4.0))
+    torch.testing.assert_close(nowhere, draw(cfg_scale=1.0))
+    assert not torch.allclose(everywhere, nowhere)
 
 
 def test_model_sees_each_sampling_timestep_once_in_order():

@@ -30,7 +30,7 @@ from test_sample import (  # the sampling tests' tiny exports
 from torch import nn
 
 from ldm.data.synthetic import SHAPES, prompt_caption
-from ldm.diffusion import ScheduleConfig
+from ldm.diffusion import GuidanceInterval, ScheduleConfig
 from ldm.evaluation import adherence, reconstruction, run_evaluation
 from ldm.evaluation.clip_score import ClipScorer, ClipScoreSettings
 from ldm.evaluation.errors import MetricWeightsUnavailableError
@@ -100,6 +100,7 @@ def sweep_run(exports, synthetic_root, tmp_path_factory):
         f"cfg_scales=[{','.join(map(str, CFG_SCALES))}]",
         f"steps=[{','.join(map(str, STEPS))}]",
         f"resolution={JUDGING_RESOLUTION_PX}",
+        "guidance_interval=[0.5,null]",
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(reconstruction, "build_lpips", lpips_offline)
@@ -350,6 +351,7 @@ SWEEP_ENTRY = {
     "eta": float,
     "steps": int,
     "cfg_scale": float,
+    "guidance_interval": list,
     "samples_dir": str,
     "metrics": {
         "fid": float,
@@ -406,6 +408,8 @@ def test_samples_are_lossless_pngs_recording_how_they_were_made(sweep_run) -> No
     assert {m["sampler"] for m in metadata} == {entry["sampler"]}
     assert {m["steps"] for m in metadata} == {str(entry["steps"])}
     assert {m["cfg_scale"] for m in metadata} == {str(entry["cfg_scale"])}
+    assert entry["guidance_interval"] == [0.5, None]
+    assert {m["guidance_interval"] for m in metadata} == {"[0.5, null]"}  # as sample.py takes it
     assert sorted(int(m["seed"]) for m in metadata) == list(range(NUM_SAMPLES))  # seed 0 + i
 
 
@@ -414,6 +418,7 @@ def test_sweep_writes_a_table_row_and_a_plot_point_per_setting(sweep_run) -> Non
     sweep_section = markdown.split("## Guidance sweep")[1].split("##")[0]
     rows = [line for line in sweep_section.splitlines() if line.startswith("| ddim")]
     assert len(rows) == len(CFG_SCALES) * len(STEPS)
+    assert all("| (0.5, ∞] |" in row for row in rows)
     assert "FID ↓" in sweep_section and "CLIP score ↑" in sweep_section
     assert "## Prompt adherence" in markdown and "## VAE reconstruction" in markdown
     assert sweep_run.plot_path == sweep_run.out_dir / "sweep.png"
@@ -463,6 +468,13 @@ def test_a_stochastic_setting_names_its_eta_in_its_label_and_folder() -> None:
         "euler-25steps-cfg3-eta1",
     )
     assert stochastic.label == "euler 25 steps, cfg 3, eta 1"
+
+
+def test_a_guidance_interval_is_named_in_the_label_and_folder() -> None:
+    interval = GuidanceInterval(low=0.43)
+    setting = SweepSetting(SamplingOptions("euler", 25, 3.0, 1.0, guidance_interval=interval))
+    assert setting.slug == "euler-25steps-cfg3-gi0.43-inf-eta1"
+    assert setting.label == "euler 25 steps, cfg 3 on σ in (0.43, ∞], eta 1"
 
 
 # ---- VAE reconstruction -------------------------------------------------------------------------

@@ -256,6 +256,25 @@ def test_an_image_is_made_again_alone_from_its_recorded_seed(exports, tmp_path) 
     assert np.abs(pixels(third) - pixels(remade)).max() <= 1  # batch size may round differently
 
 
+def test_a_guidance_interval_is_recorded_and_guides_only_the_steps_inside_it(
+    exports, tmp_path, monkeypatch
+) -> None:
+    calls: list[int] = []
+    forward = UNet.forward
+
+    def counted(self, x, t, context):
+        calls.append(x.shape[0])
+        return forward(self, x, t, context)
+
+    monkeypatch.setattr(UNet, "forward", counted)
+    cfg = sample_cfg(exports.unet, tmp_path, "cfg_scale=5", "n=1", "guidance_interval=[2,null]")
+    image = run_sampling(cfg).image_paths[0]
+
+    assert read_png_metadata(image)["guidance_interval"] == "[2.0, null]"
+    # 4 steps at t = 199, 149, 99, 49 of T = 200: the last is below noise-to-signal ratio 2
+    assert calls == [2, 2, 2, 1]
+
+
 def test_each_prompt_gets_a_grid_labelled_with_it(exports, tmp_path) -> None:
     cfg = sample_cfg(exports.unet, tmp_path, "prompt=[a red circle,a blue square]", "n=3")
     result = run_sampling(cfg)
@@ -541,6 +560,11 @@ def test_strength_outside_zero_to_one_is_refused(exports, tmp_path, init_image, 
 
 def test_strength_without_an_init_image_is_refused(exports, tmp_path) -> None:
     assert "init_image" in main_fails(sample_cfg(exports.unet, tmp_path, "strength=0.5"))
+
+
+def test_an_empty_guidance_interval_is_refused_with_the_form_it_takes(exports, tmp_path) -> None:
+    message = main_fails(sample_cfg(exports.unet, tmp_path, "guidance_interval=[2,1]"))
+    assert "guidance_interval=[2, 1] is empty" in message and "[0.43, null]" in message
 
 
 def test_more_steps_than_training_timesteps_is_refused(exports, tmp_path) -> None:

@@ -277,6 +277,7 @@ class SamplingSchema:
     steps: int = MISSING
     cfg_scale: float = MISSING
     eta: float = MISSING
+    guidance_interval: Any = None  # null or [low, high] (either may be null)
 
 
 @dataclass
@@ -338,6 +339,7 @@ class SampleSchema(RunSchema):
     sampler: str | None = MISSING
     steps: int = MISSING
     cfg_scale: float = MISSING
+    guidance_interval: Any = MISSING  # null or [low, high] (either may be null)
     eta: float = MISSING
     init_image: str | None = MISSING
     strength: float | None = MISSING
@@ -376,6 +378,7 @@ class EvaluateSchema(RunSchema):
     sampler: str | None = MISSING
     eta: float = MISSING
     cfg_scales: list[float] = MISSING
+    guidance_interval: Any = MISSING  # null or [low, high] (either may be null)
     steps: list[int] = MISSING
     seed: int = MISSING
     batch_size: int = MISSING

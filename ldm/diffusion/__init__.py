@@ -13,7 +13,7 @@ from ldm.diffusion.config import (
 )
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.flow_matching import FlowMatchingSchedule
-from ldm.diffusion.guidance import guided_prediction
+from ldm.diffusion.guidance import GuidanceInterval, guided_prediction
 from ldm.diffusion.loop import sample
 from ldm.diffusion.objectives import (
     Schedule,
@@ -55,6 +55,7 @@ __all__ = [
     "FlowHeunSampler",
     "FlowMatchingSchedule",
     "FlowSampler",
+    "GuidanceInterval",
     "NoiseSchedule",
     "Sampler",
     "Schedule",

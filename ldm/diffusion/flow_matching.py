@@ -14,6 +14,8 @@ their content recognisable at a σ where a small image is already gone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -81,6 +83,10 @@ class FlowMatchingSchedule:
         """σ (B,) in (0, 1) from standard-normal draws n (B,): shifted sigmoid(m + s·n)."""
         config = self.config
         return self.shifted(torch.sigmoid(config.flow_logit_mean + config.flow_logit_std * normals))
+
+    def noise_to_signal(self, sigma: float) -> float:
+        """σ/(1-σ), the noise level both objectives share (EDM's σ): ∞ at σ = 1."""
+        return math.inf if sigma >= 1 else sigma / (1 - sigma)
 
     def q_sample(self, x0: Tensor, sigma: Tensor | float, noise: Tensor) -> Tensor:
         """x_σ = (1-σ)·x0 + σ·ε, per sample for a (B,) σ or one float for the whole batch."""

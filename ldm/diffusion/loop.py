@@ -10,7 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ldm.diffusion.denoiser import Denoiser
-from ldm.diffusion.guidance import guided_prediction
+from ldm.diffusion.guidance import GuidanceInterval, guided_prediction
 from ldm.diffusion.noise import Generators, standard_normal
 from ldm.diffusion.objectives import Schedule
 from ldm.diffusion.samplers import StepOutput, make_sampler
@@ -29,6 +29,7 @@ def sample(
     init_latent: Tensor | None = None,
     uncond: Tensor | None = None,
     cfg_scale: float = 1.0,
+    guidance_interval: GuidanceInterval | None = None,
     eta: float = 0.0,
     strength: float = 1.0,
     generator: Generators = None,
@@ -40,7 +41,8 @@ def sample(
     exact comparisons); ``generator`` (one, or one per image) must live on that device. The
     model should already be in eval mode. ``sampler`` is one of the schedule's objective's
     ``SAMPLERS_BY_OBJECTIVE``; the schedule spreads ``steps`` noise levels (integer t for ddpm,
-    σ for flow matching) and ``strength`` < 1 (img2img only) runs just their tail.
+    σ for flow matching) and ``strength`` < 1 (img2img only) runs just their tail. Outside
+    ``guidance_interval`` (None: everywhere) a level is sampled without guidance, in one call.
     The options are trusted: they were checked where they entered (``SamplingOptions.checked``).
     """
     if (shape is None) == (init_latent is None):
@@ -66,7 +68,11 @@ def sample(
         # An int level stays an integer (long) timestep; a σ becomes float32, then σ·T.
         level_batch = torch.full((latents.shape[0],), level, device=device)
         timesteps = schedule.model_timesteps(level_batch)
-        return guided_prediction(model, latents, timesteps, cond, uncond, cfg_scale).to(dtype)
+        guided = guidance_interval is None or guidance_interval.applies(
+            schedule.noise_to_signal(level)
+        )
+        scale = cfg_scale if guided else 1.0
+        return guided_prediction(model, latents, timesteps, cond, uncond, scale).to(dtype)
 
     last_step: StepOutput | None = None
     for level, next_level in zip(

@@ -155,6 +155,11 @@ class NoiseSchedule:
         self._check_timestep(t)
         return self._host_alphas_cumprod[t]
 
+    def noise_to_signal(self, t: int) -> float:
+        """√((1-ᾱ_t)/ᾱ_t), the noise level both objectives share (EDM's σ): ∞ where ᾱ_t = 0."""
+        alpha_bar = self.alpha_bar(t)
+        return math.inf if alpha_bar == 0 else math.sqrt((1 - alpha_bar) / alpha_bar)
+
     def q_sample(self, x0: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
         """x_t = √ᾱ_t · x0 + √(1-ᾱ_t) · ε: a draw from q(x_t | x0) for the given noise."""
         signal, noise_level = self._signal_and_noise_levels(t, x0)

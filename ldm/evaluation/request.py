@@ -35,15 +35,20 @@ class SweepSetting:
     def label(self) -> str:
         options = self.options
         noise = f", eta {options.eta:g}" if options.eta else ""
-        return f"{options.sampler} {options.steps} steps, cfg {options.cfg_scale:g}{noise}"
+        interval = options.guidance_interval
+        guided = "" if interval is None else f" on σ in {interval}"
+        return f"{options.sampler} {options.steps} steps, cfg {options.cfg_scale:g}{guided}{noise}"
 
     @property
     def slug(self) -> str:
         """A folder name for the setting's samples, e.g. ``ddim-25steps-cfg7.5``
-        (``euler-25steps-cfg3-eta1`` for a stochastic sampler)."""
+        (``euler-25steps-cfg3-eta1`` for a stochastic sampler, ``-gi0.43-inf`` with a guidance
+        interval)."""
         options = self.options
         noise = f"-eta{options.eta:g}" if options.eta else ""
-        return f"{options.sampler}-{options.steps}steps-cfg{options.cfg_scale:g}{noise}"
+        interval = options.guidance_interval
+        guided = "" if interval is None else f"-gi{interval.low:g}-{interval.high:g}"
+        return f"{options.sampler}-{options.steps}steps-cfg{options.cfg_scale:g}{guided}{noise}"
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class EvaluationRequest:
     eta: Any
     steps: tuple[Any, ...]
     cfg_scales: tuple[Any, ...]
+    guidance_interval: Any  # as given, like sampler and eta
     num_samples: int  # generated images per setting for FID and CLIP score
     captions_file: Path | None
     num_real_images: int | None  # validation images in FID's real set; None → all
@@ -100,6 +106,7 @@ class EvaluationRequest:
                         eta=self.eta,
                         steps=steps,
                         cfg_scale=cfg_scale,
+                        guidance_interval=self.guidance_interval,
                     )
                 )
                 for cfg_scale in self.cfg_scales
@@ -147,6 +154,7 @@ def request_from_config(cfg: DictConfig) -> EvaluationRequest:
         eta=cfg.eta,
         steps=tuple(_list("steps", cfg.steps)),
         cfg_scales=tuple(_list("cfg_scales", cfg.cfg_scales)),
+        guidance_interval=cfg.guidance_interval,
         num_samples=num_samples,
         captions_file=captions_file,
         num_real_images=num_real,

@@ -20,7 +20,8 @@ method, seed, sampler settings and the feature networks. Schema (version 1)::
                                   analyser_check: {accuracy, num_images, resolution_px,
                                                    min_accuracy, passed},
                                   vae_ceiling: {accuracy, num_images}}      (adherence)}
-    sweep            [{sampler, eta, steps, cfg_scale, samples_dir,
+    sweep            [{sampler, eta, steps, cfg_scale, guidance_interval: [low, high | null] | null,
+                       samples_dir,
                        metrics: {fid: float, clip_score: float,
                                  adherence: {train|heldout: {accuracy: {background, color,
                                                              shape, size}, num_images}}}}]
@@ -70,7 +71,7 @@ def results_markdown(results: dict[str, Any]) -> str:
 def sweep_table(sweep: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """One row per setting: FID, CLIP score and held-out adherence, as far as measured."""
     measured = sweep[0]["metrics"]
-    headers = ["sampler", "eta", "steps", "cfg scale"]
+    headers = ["sampler", "eta", "steps", "cfg scale", "guided on σ"]
     if "fid" in measured:
         headers.append("FID ↓")
     if "clip_score" in measured:
@@ -85,6 +86,7 @@ def sweep_table(sweep: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
             f"{entry['eta']:g}",
             str(entry["steps"]),
             f"{entry['cfg_scale']:g}",
+            _interval_text(entry["guidance_interval"]),
         ]
         row += [f"{metrics[name]:.2f}" for name in ("fid", "clip_score") if name in metrics]
         row += [_accuracies(split["accuracy"]) for split in metrics.get("adherence", {}).values()]
@@ -104,7 +106,11 @@ def adherence_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
     ]
     for entry in results["sweep"]:
         noise = f", eta {entry['eta']:g}" if entry["eta"] else ""
-        label = f"{entry['sampler']} {entry['steps']} steps, cfg {entry['cfg_scale']:g}{noise}"
+        interval = entry["guidance_interval"]
+        guided = "" if interval is None else f" on σ in {_interval_text(interval)}"
+        label = (
+            f"{entry['sampler']} {entry['steps']} steps, cfg {entry['cfg_scale']:g}{guided}{noise}"
+        )
         for split, scores in entry["metrics"]["adherence"].items():
             rows.append(_accuracy_row(f"{label}: {split}", scores))
     return headers, rows
@@ -172,3 +178,11 @@ def _accuracies(accuracy: dict[str, float]) -> str:
 
 def _percent(value: float) -> str:
     return f"{100 * value:.1f}"
+
+
+def _interval_text(interval: list[float | None] | None) -> str:
+    """A results.json guidance interval as the table shows it: "all", or "(0.43, ∞]"."""
+    if interval is None:
+        return "all"
+    low, high = interval
+    return f"({low:g}, {'∞' if high is None else f'{high:g}'}]"

@@ -189,6 +189,7 @@ def _sweep(
     plan = SamplingPlan(request.seed, request.batch_size, resolution, request.progress)
     sweep = []
     for setting in settings:
+        interval = setting.options.guidance_interval
         samples_dir = request.out_dir / SAMPLES_DIR / setting.slug
         log.info("Measuring %s; samples go to %s", setting.label, samples_dir)
         sweep.append(
@@ -197,6 +198,7 @@ def _sweep(
                 "eta": setting.options.eta,
                 "steps": setting.options.steps,
                 "cfg_scale": setting.options.cfg_scale,
+                "guidance_interval": interval and interval.as_config(),
                 "samples_dir": str(samples_dir.relative_to(request.out_dir)),
                 "metrics": measure_setting(model, setting, judges, plan, samples_dir),
             }

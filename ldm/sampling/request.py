@@ -78,6 +78,7 @@ def request_from_config(cfg: DictConfig, diffusion: ScheduleConfig) -> SampleReq
             sampler=cfg.sampler,
             steps=cfg.steps,
             cfg_scale=cfg.cfg_scale,
+            guidance_interval=cfg.guidance_interval,
             eta=cfg.eta,
             strength=cfg.strength,
             image_to_image=init_path is not None,

@@ -7,6 +7,7 @@ every other input the user can get wrong is checked before the VAE and the text 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -251,6 +252,8 @@ def run_metadata(request: SampleRequest, checkpoint: SamplingCheckpoint) -> dict
         "checkpoint_sha256": checkpoint.fingerprint,
         "software": "ldm-coco sample.py",
     }
+    if options.guidance_interval is not None:  # as sample.py takes it: [0.43, null]
+        metadata["guidance_interval"] = json.dumps(options.guidance_interval.as_config())
     if request.init_image_path is not None:
         metadata["init_image"] = str(request.init_image_path)
     return metadata
