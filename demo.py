@@ -4,7 +4,7 @@ Runs the same commands a user would type — generate the data, ``train_vae.py``
 ``train_unet.py``, ``sample.py``, ``evaluate.py metrics=[adherence]`` — each in its own process
 with its own progress bars, and ends with what a newcomer wants to know: how long each stage
 took, how often the samples show what the prompts ask (with chance and the VAE's ceiling beside
-it), and where the pictures are.
+it), where the pictures are and what the analyser reads in the grid's.
 
     python demo.py [--prompt "a small red circle on a blue background"] [--variant a|b]
 
@@ -22,6 +22,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+from PIL import Image
+
+from ldm.data.synthetic import caption_attributes, read_attributes
+from ldm.evaluation.adherence import ATTRIBUTES, dataset_config
+from ldm.sampling import read_png_metadata
 
 ROOT = Path(__file__).resolve().parent
 ADHERENCE_HEADING = "## Prompt adherence"
@@ -106,7 +112,31 @@ def adherence_table(results_markdown: Path) -> str:
     return text[start : end if end > 0 else len(text)].strip()
 
 
-def summary(timings: list[tuple[str, float]], out_dir: Path) -> str:
+def grid_verdict(prompt: str, samples_dir: Path, data_root: Path) -> str:
+    """What the analyser reads in each image of the prompt's grid, against what the prompt asks:
+    the grid a newcomer looks at first, judged like the adherence table's images."""
+    spec = dataset_config(data_root).variant_spec
+    asked = caption_attributes(prompt, spec)
+    if asked is None:
+        return "Grid not judged: the prompt is in none of the set's caption wordings."
+    images = {  # the grid's own images: sample.py records each one's prompt and seed
+        path: metadata
+        for path in sorted(samples_dir.glob("*.png"))
+        if "seed" in (metadata := read_png_metadata(path)) and metadata["prompt"] == prompt
+    }
+    misread = []
+    for path, metadata in images.items():
+        read = read_attributes(Image.open(path), spec.palette)
+        judged = [name for name in ATTRIBUTES if name in asked]
+        wrong = [f"{name} {read[name]}" for name in judged if read[name] != asked[name]]
+        if wrong:
+            misread.append(f"seed {metadata['seed']} reads {', '.join(wrong)}")
+    verdict = f"Grid judged by the analyser: {len(images) - len(misread)} of {len(images)} images "
+    verdict += "show everything the prompt asks"
+    return verdict + (f"; {'; '.join(misread)}." if misread else ".")
+
+
+def summary(timings: list[tuple[str, float]], out_dir: Path, verdict: str | None = None) -> str:
     total = sum(seconds for _, seconds in timings)
     width = max(len(name) for name, _ in timings)
     lines = ["", "=" * 72, "Demo finished", "", "Time per stage:"]
@@ -115,6 +145,7 @@ def summary(timings: list[tuple[str, float]], out_dir: Path) -> str:
     lines += [adherence_table(out_dir / "evaluation" / "results.md"), ""]
     grids = sorted((out_dir / "samples").glob("*-grid.png"))
     lines += [f"Sample grid: {grid}" for grid in grids]
+    lines += [] if verdict is None else [verdict]
     lines += [f"Evaluation (JSON, table, plot, every sample): {out_dir / 'evaluation'}", "=" * 72]
     return "\n".join(lines)
 
@@ -129,11 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = args.out or Path("runs/demo") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     _, default_root, default_prompt = VARIANTS[args.variant]
     data_root, prompt = args.root or default_root, args.prompt or default_prompt
+    out_dir, data_root = out_dir.resolve(), data_root.resolve()
     timings = [
         (stage.name, run_stage(stage))
-        for stage in demo_stages(prompt, args.variant, data_root.resolve(), out_dir.resolve())
+        for stage in demo_stages(prompt, args.variant, data_root, out_dir)
     ]
-    print(summary(timings, out_dir.resolve()))
+    verdict = grid_verdict(prompt, out_dir / "samples", data_root)
+    print(summary(timings, out_dir, verdict))
 
 
 if __name__ == "__main__":

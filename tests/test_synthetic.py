@@ -23,6 +23,7 @@ from ldm.data.synthetic import (
     SyntheticConfig,
     VariantSpec,
     attribute_combinations,
+    caption_attributes,
     generate_synthetic_dataset,
     main,
     prompt_caption,
@@ -167,6 +168,34 @@ def test_each_image_has_several_differently_worded_captions(variant_root: Path) 
             image["attributes"]["color"] in c and image["attributes"]["background"] in c
             for c in captions
         )
+
+
+def test_every_caption_reads_back_as_what_its_image_shows(variant_root: Path) -> None:
+    spec = adherence.dataset_config(variant_root).variant_spec
+    document = _load(variant_root, "captions_train2017.json")
+    attributes = {image["id"]: image["attributes"] for image in document["images"]}
+    sizes_named = 0
+    for annotation in document["annotations"]:
+        asked = caption_attributes(annotation["caption"], spec)
+        assert asked is not None, annotation["caption"]
+        drawn = attributes[annotation["image_id"]]
+        assert asked == {name: drawn[name] for name in asked}, annotation["caption"]
+        sizes_named += "size" in asked
+    assert 0 < sizes_named < len(document["annotations"])  # some templates leave size out
+
+
+def test_a_caption_is_read_whatever_its_case_and_other_text_is_not() -> None:
+    spec = VARIANTS["a"]
+    assert caption_attributes("  A Small RED Circle on a blue background ", spec) == {
+        "size": "small",
+        "color": "red",
+        "shape": "circle",
+        "background": "blue",
+    }
+    assert caption_attributes("large red round shape, blue background", spec)["shape"] == "circle"
+    assert caption_attributes("a small red circle on a blue background at dusk", spec) is None
+    assert caption_attributes("a small red circle on a teal background", spec) is None  # b's
+    assert caption_attributes("a small disc painted magenta, set on navy", spec) is None
 
 
 def test_attributes_are_recoverable_from_pixels(variant_root: Path) -> None:

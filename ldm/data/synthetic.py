@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -221,6 +222,29 @@ def prompt_caption(attributes: dict[str, str], spec: VariantSpec) -> str:
         color=attributes["color"],
         background=attributes["background"],
     )
+
+
+def caption_attributes(caption: str, spec: VariantSpec) -> dict[str, str] | None:
+    """What a caption in one of the variant's wordings asks for (its size only where the template
+    names one), or None for any other text: how a free prompt, such as the demo's, is judged.
+    Case and surrounding spaces do not matter."""
+    choices = {
+        "shape": {word: shape for shape, words in spec.shape_words.items() for word in words},
+        "size": {word: size for size, words in spec.size_words.items() for word in words},
+        "color": {name: name for name in spec.palette},
+        "background": {name: name for name in spec.palette},
+    }
+
+    def slot(match: re.Match[str]) -> str:
+        words = sorted(choices[match[1]], key=len, reverse=True)  # "round shape" before "round"
+        return f"(?P<{match[1]}>{'|'.join(map(re.escape, words))})"
+
+    for template in spec.templates:
+        pattern = re.sub(r"\\{(\w+)\\}", slot, re.escape(template))
+        found = re.fullmatch(pattern, caption.strip(), flags=re.IGNORECASE)
+        if found:
+            return {name: choices[name][word.lower()] for name, word in found.groupdict().items()}
+    return None
 
 
 def _sample_attributes(rng: np.random.Generator, combos: list[Triple]) -> dict[str, Any]:
